@@ -1,0 +1,25 @@
+"""maskfleet's sampling engine: the two-sampler masked loop as a plain tensor library.
+
+No Celery, Redis or storage here: give it tensors and denoisers, get a latent back.
+"""
+from .comfy_call import AdvancedSampler
+from .errors import InvalidInput, SamplingError, SamplingStopped
+from .guidance import Denoiser
+from .noise_schedule import NoiseSchedule
+from .samplers import SAMPLERS
+from .schedulers import SCHEDULERS
+from .two_sampler_loop import MODES, plan_steps, sample_two_samplers
+
+__all__ = [
+    "AdvancedSampler",
+    "Denoiser",
+    "InvalidInput",
+    "MODES",
+    "NoiseSchedule",
+    "SAMPLERS",
+    "SCHEDULERS",
+    "SamplingError",
+    "SamplingStopped",
+    "plan_steps",
+    "sample_two_samplers",
+]

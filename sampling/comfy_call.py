@@ -1,0 +1,158 @@
+"""One call of an advanced sampler over steps [start, end), with the original node's semantics.
+
+This is what Impact Pack's `KSamplerAdvancedWrapper.sample_advanced` does on top of
+ComfyUI (rules in shared/golden/README.md): slice the sampler's own schedule, add the
+seeded starting noise when asked, run a *fresh* sampler (no history, so multistep
+methods act first order) with an inpainting wrapper around the model, return either the
+final x or the last reported x0, and for the SDE and uni_pc samplers composite the
+result into the call's input and run a second "recovery" pass over the same step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .guidance import Denoiser, guided_denoise
+from .noise_sources import BrownianNoise, ComfyRng
+from .samplers import RECOVERY_SAMPLERS, SAMPLERS, SamplerInfo, StepContext
+from .schedulers import schedule_for
+
+
+@dataclass
+class AdvancedSampler:
+    """ComfyUI's KSamplerAdvanced minus the step range: what each of the two samplers is."""
+
+    denoiser: Denoiser
+    cfg: float
+    sampler_name: str
+    scheduler: str
+    positive: torch.Tensor
+    negative: torch.Tensor
+
+
+@dataclass
+class JobRandomness:
+    """The job's seed and its ComfyUI-ordered generator, shared by every call of the job."""
+
+    seed: int
+    rng: ComfyRng = field(default_factory=ComfyRng)
+
+
+@dataclass(frozen=True)
+class RegionMask:
+    """A call's noise mask at latent resolution with the products every model evaluation reuses."""
+
+    inside: torch.Tensor  # m, [B, C, H, W]
+    outside: torch.Tensor  # 1 - m
+
+    @classmethod
+    def of(cls, latent_mask: torch.Tensor) -> "RegionMask":
+        return cls(latent_mask, 1.0 - latent_mask)
+
+
+class ScheduleCache:
+    """Full sigma schedules by (sampler name, scheduler, steps), computed once per job."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def get(self, denoiser: Denoiser, sampler_name: str, scheduler: str, steps: int) -> torch.Tensor:
+        key = (id(denoiser.schedule), sampler_name, scheduler, steps)
+        if key not in self._cache:
+            self._cache[key] = schedule_for(denoiser.schedule, sampler_name, scheduler, steps)
+        return self._cache[key]
+
+
+def step_sigmas(total: torch.Tensor, start: int, end: int, leftover: bool) -> torch.Tensor | None:
+    """The sigmas a call runs over, or None when the step range lies past the schedule's end."""
+    sigmas = total
+    if end < len(total) - 1:
+        sigmas = total[: end + 1].clone()
+        if not leftover:
+            sigmas[-1] = 0
+    if start >= len(sigmas) - 1:
+        return None
+    return sigmas[start:]
+
+
+def _one_pass(
+    sampler: AdvancedSampler,
+    info: SamplerInfo,
+    schedule_name: str,
+    x_in: torch.Tensor,
+    region: RegionMask,
+    steps: int,
+    start: int,
+    end: int,
+    add_noise: bool,
+    leftover: bool,
+    randomness: JobRandomness,
+    schedules: ScheduleCache,
+) -> torch.Tensor:
+    denoiser = sampler.denoiser
+    total = schedules.get(denoiser, schedule_name, sampler.scheduler, steps)
+    sigmas = step_sigmas(total, start, end, leftover)
+    if sigmas is None:
+        return x_in
+    sigmas = sigmas.to(x_in.device)
+    rng, seed = randomness.rng, randomness.seed
+    if add_noise:
+        noise = rng.seeded_randn(seed, x_in.shape, x_in.device)
+        sigma_max = float(denoiser.schedule.sigma_max)
+        s0 = float(sigmas[0])
+        max_denoise = math.isclose(sigma_max, s0, rel_tol=1e-05) or s0 > sigma_max
+        x = x_in + noise * (math.sqrt(1.0 + s0**2) if max_denoise else sigmas[0])
+    else:
+        noise = None
+        x = x_in
+    if info.inpaint_random_noise:
+        noise = rng.seeded_randn(seed + 1, x_in.shape, x_in.device)
+    kept = x_in * region.outside  # what the model's output is replaced by outside the mask
+
+    def model(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        outside_input = kept if noise is None else (x_in + noise * sigma) * region.outside
+        seen = x_t * region.inside + outside_input
+        denoised = guided_denoise(denoiser, seen, sigma, sampler.positive, sampler.negative, sampler.cfg)
+        return denoised * region.inside + kept
+
+    if info.noise == "ancestral":
+        noise_source = lambda sigma, sigma_next: rng.randn(x.shape, x.device)  # noqa: E731
+    elif info.noise == "brownian":
+        positive = total[total > 0]
+        noise_source = BrownianNoise(x, positive.min(), total.max(), seed)
+    else:
+        noise_source = None
+    ctx = StepContext(model=model, noise=noise_source)
+    denoised = None
+    for i in range(len(sigmas) - 1):
+        x, denoised = info.step(ctx, x, sigmas[i], sigmas[i + 1])
+    if leftover or denoised is None:
+        return x
+    return denoised
+
+
+def advanced_call(
+    sampler: AdvancedSampler,
+    x_in: torch.Tensor,
+    region: RegionMask,
+    steps: int,
+    start: int,
+    end: int,
+    add_noise: bool,
+    leftover: bool,
+    randomness: JobRandomness,
+    schedules: ScheduleCache,
+) -> torch.Tensor:
+    """Run `sampler` over steps [start, end) of its `steps`-step schedule inside `region`."""
+    info = SAMPLERS[sampler.sampler_name]
+    args = (x_in, region, steps, start, end, add_noise, leftover, randomness, schedules)
+    x = _one_pass(sampler, info, sampler.sampler_name, *args)
+    if info.recovery_sampler is None:
+        return x
+    # Impact Pack's recovery: composite into the input with the noise mask, then the same
+    # step again with the recovery sampler on that sampler's own (plain) schedule.
+    composite = x * region.inside + x_in * region.outside
+    recovery = RECOVERY_SAMPLERS[info.recovery_sampler]
+    return _one_pass(sampler, recovery, info.recovery_sampler, composite, *args[1:])

@@ -1,0 +1,102 @@
+"""The two-sampler masked loop: the base sampler outside the mask, the mask sampler on the grown mask.
+
+For each step i of `start .. adv_steps - 1` (adv_steps = int(steps / denoise)), the base
+sampler advances the whole latent one step with the inverse mask as its noise mask, then
+the mask sampler advances it over the same step with the grown mask. Noise is added once,
+by the first base call; the last mask call returns a clean latent. (The original passes
+"enable"/"disable" strings where booleans are meant, so it re-adds noise on every call;
+we follow its intent, which golden `out_intended` records.)
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+
+from .comfy_call import AdvancedSampler, JobRandomness, RegionMask, ScheduleCache, advanced_call
+from .errors import InvalidInput, SamplingStopped
+from .masks import grow_mask, inverse_mask, normalize_mask, to_latent
+from .samplers import check_sampler_name
+from .schedulers import check_scheduler_name
+
+ProgressHook = Callable[[int, int, str], None]  # (calls done, total calls, "base" | "mask")
+StopHook = Callable[[], bool]
+
+MODES = ("comfy",)
+MAX_SEED = 2**64 - 1
+
+
+def plan_steps(steps: int, denoise: float) -> tuple[int, int]:
+    """(adv_steps, start): the schedule length and the first step the job runs."""
+    adv_steps = int(steps / denoise)
+    return adv_steps, adv_steps - steps
+
+
+def _validate(latent, seed, steps, denoise, overlap_factor, mode, base, mask_sampler) -> None:
+    if latent.ndim != 4:
+        raise InvalidInput("latent", f"expected shape [B, C, H, W], got {list(latent.shape)}")
+    if not torch.is_floating_point(latent) or not torch.isfinite(latent).all():
+        raise InvalidInput("latent", "must be floating point with finite values")
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidInput("seed", f"must be in 0..{MAX_SEED}")
+    if not 1 <= steps <= 10000:
+        raise InvalidInput("steps", "must be in 1..10000")
+    if not 0 < denoise <= 1:
+        raise InvalidInput("denoise", "must satisfy 0 < denoise <= 1")
+    if not 0 <= overlap_factor <= 10000:
+        raise InvalidInput("overlap_factor", "must be in 0..10000")
+    if mode not in MODES:
+        raise InvalidInput("mode", f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    for field, sampler in (("base_sampler", base), ("mask_sampler", mask_sampler)):
+        check_sampler_name(sampler.sampler_name, f"{field}.sampler_name")
+        check_scheduler_name(sampler.scheduler, f"{field}.scheduler")
+    if base.denoiser.latent_scale != mask_sampler.denoiser.latent_scale:
+        raise InvalidInput("mask_sampler.model", "both samplers' models must use the same latent space (latent scale differs)")
+
+
+def sample_two_samplers(
+    latent: torch.Tensor,
+    mask: torch.Tensor,
+    base: AdvancedSampler,
+    mask_sampler: AdvancedSampler,
+    *,
+    seed: int,
+    steps: int,
+    denoise: float = 1.0,
+    overlap_factor: int = 10,
+    mode: Literal["comfy"] = "comfy",
+    on_progress: ProgressHook | None = None,
+    should_stop: StopHook | None = None,
+) -> torch.Tensor:
+    """Denoise `latent` (raw latent space, [B, C, H, W]) with two samplers split by `mask`.
+
+    Returns a clean latent of the input's shape and dtype. `on_progress` is called after
+    every sampler call; `should_stop` is checked before every call and raises
+    `SamplingStopped` when it returns true.
+    """
+    _validate(latent, seed, steps, denoise, overlap_factor, mode, base, mask_sampler)
+    b, _, h, w = latent.shape
+    mask = normalize_mask(mask, b).to(latent.device)
+    base_region = RegionMask.of(to_latent(inverse_mask(mask), latent.shape))
+    mask_region = RegionMask.of(to_latent(grow_mask(mask, h, w, overlap_factor), latent.shape))
+
+    adv_steps, start = plan_steps(steps, denoise)
+    total_calls = 2 * (adv_steps - start)
+    randomness = JobRandomness(seed)
+    schedules = ScheduleCache()
+    scale = base.denoiser.latent_scale
+    x = latent.float() * scale
+    done = 0
+    calls = (("base", base, base_region), ("mask", mask_sampler, mask_region))
+    for i in range(start, adv_steps):
+        for which, sampler, region in calls:
+            if should_stop is not None and should_stop():
+                raise SamplingStopped(f"stopped before step {i} ({which} sampler)")
+            is_base = which == "base"
+            add_noise = is_base and i == start
+            leftover = is_base or i + 1 != adv_steps
+            x = advanced_call(sampler, x, region, adv_steps, i, i + 1, add_noise, leftover, randomness, schedules)
+            done += 1
+            if on_progress is not None:
+                on_progress(done, total_calls, which)
+    return (x / scale).to(latent.dtype)

@@ -1,0 +1,73 @@
+"""A diffusers `UNet2DConditionModel` as a `Denoiser`, evaluated the way ComfyUI evaluates it.
+
+The UNet gets `x / sqrt(sigma^2 + 1)` and the *nearest integer* training timestep of
+sigma (fractional timesteps move results by about 1e-3 relative); its output is an
+epsilon or a v prediction turned into x0 in float32.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import InvalidInput
+from .noise_schedule import NoiseSchedule
+
+SD15_LATENT_SCALE = 0.18215
+
+
+class UNetDenoiser:
+    """x0 estimates from a diffusers UNet over a ComfyUI-style discrete noise schedule."""
+
+    def __init__(self, unet, schedule: NoiseSchedule, latent_scale: float = SD15_LATENT_SCALE):
+        if getattr(unet.config, "addition_embed_type", None):
+            raise InvalidInput(
+                "model", f"UNets with addition_embed_type {unet.config.addition_embed_type!r} (SDXL-style) are not supported yet"
+            )
+        self.unet = unet
+        self.schedule = schedule
+        self.latent_scale = latent_scale
+        self.dtype = unet.dtype
+        self.device = unet.device
+        self._timesteps: dict[float, torch.Tensor] = {}
+
+    def _timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        key = float(sigma)
+        t = self._timesteps.get(key)
+        if t is None:
+            t = self.schedule.timestep(sigma.detach().float().cpu()).float().to(self.device)
+            self._timesteps[key] = t
+        return t
+
+    @torch.no_grad()
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x_in = (x / (sigma**2 + 1.0) ** 0.5).to(self.dtype)
+        t = self._timestep(sigma).expand(x.shape[0])
+        out = self.unet(x_in, t, encoder_hidden_states=context.to(device=self.device, dtype=self.dtype)).sample.float()
+        if self.schedule.prediction_type == "v_prediction":
+            return x * (1.0 / (sigma**2 + 1.0)) - out * sigma / (sigma**2 + 1.0) ** 0.5
+        return x - out * sigma
+
+
+def load_unet_denoiser(model_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> UNetDenoiser:
+    """Load a model directory: a bare diffusers UNet (config.json + weights) or a pipeline layout.
+
+    A pipeline layout has `unet/`, optionally `scheduler/` (noise schedule, prediction type)
+    and `vae/` (whose `scaling_factor` sets the latent scale). A bare UNet gets SD1.5's
+    schedule and latent scale.
+    """
+    from diffusers import UNet2DConditionModel
+
+    model_dir = Path(model_dir)
+    unet_dir = model_dir / "unet" if (model_dir / "unet" / "config.json").is_file() else model_dir
+    if not (unet_dir / "config.json").is_file():
+        raise InvalidInput("model", f"{model_dir} holds no diffusers UNet (config.json missing)")
+    scheduler_dir = model_dir / "scheduler" if unet_dir != model_dir else None
+    latent_scale = SD15_LATENT_SCALE
+    vae_config = model_dir / "vae" / "config.json"
+    if unet_dir != model_dir and vae_config.is_file():
+        latent_scale = float(json.loads(vae_config.read_text()).get("scaling_factor", SD15_LATENT_SCALE))
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype, use_safetensors=True)
+    unet.to(device).eval().requires_grad_(False)
+    return UNetDenoiser(unet, NoiseSchedule.from_scheduler_dir(scheduler_dir), latent_scale)
