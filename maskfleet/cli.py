@@ -1,0 +1,102 @@
+"""The `maskfleet` command: run a job on local files, print the job schema.
+
+Exit status: 0 on success, 2 when the job or its inputs are invalid (the message names
+the field and the reason, and nothing is written), 1 on any other failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .job import JobError, field_help, job_schema, parse_job
+
+EXIT_INVALID = 2
+
+
+def _progress_printer(stream):
+    def report(done: int, total: int, which: str) -> None:
+        print(f"[maskfleet] call {done}/{total} ({which} sampler)", file=stream, flush=True)
+
+    return report
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .local_run import RunOptions, run_job
+    from .sampling.errors import InvalidInput
+    from .storage.errors import InvalidFile
+    from .storage.model_store import models_root_from
+
+    try:
+        try:
+            text = Path(args.job).read_bytes()
+        except OSError as e:
+            raise JobError(f"job: cannot read {args.job}: {e.strerror}") from None
+        job = parse_job(text)
+        options = RunOptions(models_root=models_root_from(args.models), device=args.device, dtype=args.dtype)
+        result = run_job(job, options, on_progress=None if args.quiet else _progress_printer(sys.stderr))
+    except (JobError, InvalidInput, InvalidFile) as e:
+        print(f"maskfleet: invalid job: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import write_demo_files
+
+    folder = Path(args.dir)
+    job_path = write_demo_files(folder)
+    print(f"[maskfleet] demo files written to {folder}; running {job_path}", file=sys.stderr)
+    args.job, args.models = str(job_path), str(folder / "models")
+    return cmd_run(args)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(job_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskfleet", description="Two-sampler masked diffusion sampling.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run a job in this process on local files",
+        description="Run a job (JSON file) in this process and print a JSON result.",
+        epilog="job fields:\n" + field_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("job", help="path of the job JSON file")
+    run.add_argument("--models", help="model directory (default: $MASKFLEET_MODELS)")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model weights dtype")
+    run.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="write a tiny model and example inputs, then run a first job on them")
+    demo.add_argument("--dir", default="maskfleet-demo", help="folder for the demo files (default: ./maskfleet-demo)")
+    demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model weights dtype")
+    demo.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    demo.set_defaults(func=cmd_demo)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of a job")
+    schema.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def console_main() -> None:
+    """Entry point of the installed `maskfleet` script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

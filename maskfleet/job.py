@@ -1,0 +1,90 @@
+"""The job document: one pydantic model that validates jobs, documents them and publishes their schema.
+
+Everything that describes a job (field names, ranges, defaults, descriptions) is
+declared here once; `maskfleet schema` prints the JSON Schema derived from it, the CLI's
+help lists its fields, and validation errors name the offending field.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .sampling import MODES, SAMPLERS, SCHEDULERS
+
+SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
+SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
+Mode = Literal[tuple(MODES)]  # type: ignore[valid-type]
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+
+
+class SamplerSpec(BaseModel):
+    """One advanced sampler: what ComfyUI's KSamplerAdvanced takes, minus the step range."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(pattern=MODEL_NAME_PATTERN, description="Model name: a diffusers model directory in the model store.")
+    sampler_name: SamplerName = Field(description="ComfyUI sampler name.")
+    scheduler: SchedulerName = Field(description="ComfyUI scheduler name.")
+    cfg: float = Field(8.0, ge=0.0, le=100.0, description="Classifier-free guidance scale; 1.0 skips the negative prompt.")
+    positive: str = Field(min_length=1, description="URI of the positive conditioning (safetensors: prompt_embeds or one tensor).")
+    negative: str = Field(min_length=1, description="URI of the negative conditioning (safetensors: prompt_embeds or one tensor).")
+
+
+class Job(BaseModel):
+    """A two-sampler masked sampling job."""
+
+    model_config = ConfigDict(extra="forbid", title="maskfleet job")
+
+    job_id: str | None = Field(None, pattern=JOB_ID_PATTERN, description="Client-chosen idempotency key.")
+    seed: int = Field(0, ge=0, le=2**64 - 1, description="Noise seed; the same job and seed give the same latent.")
+    steps: int = Field(20, ge=1, le=10000, description="Steps the job runs.")
+    denoise: float = Field(1.0, gt=0.0, le=1.0, description="Fraction of the schedule to run: the schedule has int(steps / denoise) steps and the job runs its last `steps`.")
+    overlap_factor: int = Field(10, ge=0, le=10000, description="Box size (latent pixels) by which the mask sampler's region grows past the mask.")
+    latent: str = Field(min_length=1, description="URI of the input latent: ComfyUI .latent or safetensors with one [B, C, H, W] tensor.")
+    mask: str = Field(min_length=1, description="URI of the mask: PNG (ComfyUI LoadImageMask conventions) or safetensors, any resolution, values in [0, 1].")
+    base_sampler: SamplerSpec = Field(description="Sampler for everything outside the mask.")
+    mask_sampler: SamplerSpec = Field(description="Sampler for the mask, grown by overlap_factor.")
+    output: str = Field(min_length=1, description="URI of the output latent: .latent (ComfyUI format) or .safetensors.")
+    preview: str | None = Field(None, min_length=1, description="Optional URI of a PNG preview of the output latent.")
+    mode: Mode = Field("comfy", description="Sampling mode: 'comfy' reproduces the original node in ComfyUI.")
+
+
+class JobError(ValueError):
+    """A job document that does not validate; the message lists each field and its reason."""
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "job"
+        lines.append(f"{where}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def parse_job(data: dict | str | bytes) -> Job:
+    """Validate a job given as a dict or as JSON text; raise JobError naming every bad field."""
+    try:
+        if isinstance(data, (str, bytes)):
+            return Job.model_validate_json(data)
+        return Job.model_validate(data)
+    except ValidationError as e:
+        raise JobError(_describe(e)) from None
+
+
+def job_schema() -> dict:
+    """The JSON Schema of a job document."""
+    return Job.model_json_schema()
+
+
+def field_help() -> str:
+    """One line per job field (sampler fields indented), for the CLI's help text."""
+    lines = []
+    for name, info in Job.model_fields.items():
+        lines.append(f"  {name}: {info.description}")
+        if name == "base_sampler":
+            for sub, sub_info in SamplerSpec.model_fields.items():
+                lines.append(f"    {sub}: {sub_info.description}")
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""Local file access: turning job URIs into paths, bounded reads and atomic writes.
+
+Jobs name files as ``file://`` URIs or plain paths. This module is where those names are
+checked, where inputs are read with a size cap (a job must not make a worker read a
+100 GB file into memory), and where outputs are written whole or not at all (temp file
+in the same directory, fsync, ``os.replace``), so a consumer never sees half a latent.
+"""
+
+import os
+import secrets
+import stat
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from .errors import InvalidFile
+
+DEFAULT_MAX_INPUT_BYTES = 1 << 30
+
+
+def local_path(uri: str, field: str) -> Path:
+    """Return the local path named by ``uri``.
+
+    Accepts ``file:///abs/path`` (percent-decoded; host empty or ``localhost``) and plain
+    absolute or relative paths (made absolute against the current directory). Any other
+    scheme, such as ``s3://`` or ``http://``, raises InvalidFile.
+    """
+    if not uri:
+        raise InvalidFile(field, "empty path")
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise InvalidFile(
+                field, f"file:// URI {uri!r} names host {parts.netloc!r}; only local files "
+                "are supported (use file:///absolute/path)")
+        if parts.query or parts.fragment:
+            raise InvalidFile(
+                field, f"file:// URI {uri!r} has a query or fragment; percent-encode "
+                "'?' as %3F and '#' as %23 in file names")
+        path = unquote(parts.path)
+        if not path.startswith("/"):
+            raise InvalidFile(field, f"file:// URI {uri!r} must hold an absolute path")
+    elif "://" in uri:
+        if scheme == "s3":
+            reason = "s3:// URIs need the storage backend (not available in this command)"
+        else:
+            reason = (f"unsupported URI scheme {parts.scheme + '://'!r}; "
+                      "use a file:// URI or a local path")
+        raise InvalidFile(field, reason)
+    else:
+        path = uri
+    if "\0" in path:
+        raise InvalidFile(field, "path contains a NUL character")
+    return Path(path).absolute()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all, creating parent directories.
+
+    The bytes go to a temporary file next to ``path``, are fsynced, then renamed over
+    ``path``. On any failure the temporary file is removed and ``path`` is untouched.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    # O_EXCL with mode 0o666 so the final file gets the usual umask permissions.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable; best effort where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_bytes(path: Path, field: str, max_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> bytes:
+    """Read a whole regular file, refusing missing files and files over ``max_bytes``."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise InvalidFile(field, f"{path} does not exist") from None
+    except OSError as e:
+        raise InvalidFile(field, f"cannot access {path}: {e.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidFile(field, f"{path} is not a regular file")
+    if info.st_size > max_bytes:
+        raise InvalidFile(
+            field, f"{path} is {info.st_size} bytes, over the {max_bytes}-byte input cap")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise InvalidFile(field, f"cannot read {path}: {e.strerror}") from None
+    if len(data) > max_bytes:  # the file grew after stat()
+        raise InvalidFile(field, f"{path} is over the {max_bytes}-byte input cap")
+    return data

@@ -1,0 +1,80 @@
+"""Safetensors input files: the only way user-sent bytes become tensors.
+
+Pickle-based files (``torch.save``, ``.ckpt``) can run arbitrary code when loaded, so we
+never unpickle anything a user sent: we recognise safetensors by content, refuse pickle
+suffixes outright with a reason the user can act on, and share the dtype, emptiness and
+finiteness checks so the latent, mask and conditioning readers fail the same way.
+"""
+
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from .errors import InvalidFile
+
+PICKLE_SUFFIXES = frozenset({".pt", ".ckpt", ".pth", ".bin", ".pkl"})
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def reject_pickle_suffix(path: Path, field: str) -> None:
+    """Refuse file names whose suffix says pickle, before reading a byte."""
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise InvalidFile(
+            field, f"{path.name}: {suffix} files are pickles, which are never loaded "
+            "(they can run code); save the tensor with safetensors instead")
+
+
+def is_safetensors(data: bytes) -> bool:
+    """True if ``data`` starts like a safetensors file (u64 header length, then '{')."""
+    if len(data) < 10:
+        return False
+    header_len = int.from_bytes(data[:8], "little")
+    return 2 <= header_len <= len(data) - 8 and data[8:9] == b"{"
+
+
+def load_safetensors(data: bytes, field: str) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes into CPU tensors, as InvalidFile on any format error."""
+    if not is_safetensors(data):
+        raise InvalidFile(field, "not a safetensors file")
+    try:
+        return safetensors.torch.load(data)
+    except (safetensors.SafetensorError, ValueError, TypeError, RuntimeError) as e:
+        raise InvalidFile(field, f"unreadable safetensors file: {e}") from None
+
+
+def pick_tensor(tensors: dict[str, torch.Tensor], field: str,
+                preferred: str | None = None) -> torch.Tensor:
+    """Return ``tensors[preferred]`` if present, else the only tensor in the file."""
+    if preferred in tensors:
+        return tensors[preferred]
+    if len(tensors) == 1:
+        return next(iter(tensors.values()))
+    expected = f"{preferred} or exactly one tensor" if preferred else "exactly one tensor"
+    if not tensors:
+        raise InvalidFile(field, f"holds no tensors; expected {expected}")
+    names = sorted(tensors)
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    raise InvalidFile(field, f"holds {len(names)} tensors ({shown}); expected {expected}")
+
+
+def to_float32(tensor: torch.Tensor, field: str, allow_bool: bool = False) -> torch.Tensor:
+    """Check the dtype is floating (or bool if allowed) and the tensor non-empty; cast."""
+    allowed = FLOAT_DTYPES + ((torch.bool,) if allow_bool else ())
+    if tensor.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        raise InvalidFile(field, f"has dtype {dtype}; expected one of {names}")
+    if tensor.numel() == 0:
+        raise InvalidFile(field, f"is empty (shape {list(tensor.shape)})")
+    return tensor.to(torch.float32)
+
+
+def require_finite(tensor: torch.Tensor, field: str) -> torch.Tensor:
+    """Refuse tensors holding NaN or infinite values; return the tensor unchanged."""
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise InvalidFile(field, f"contains {bad} NaN or infinite values")
+    return tensor

@@ -1,0 +1,40 @@
+"""Every golden case through `maskfleet run`: our latent equals the original node's to 1e-4.
+
+The reference is `out_intended`: the original loop run in real ComfyUI with its string
+flags replaced by the booleans it meant (see shared/golden/README.md).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from golden_jobs import golden_case_dirs, make_models_dir, write_case_job
+
+REL_L2_TOLERANCE = 1e-4
+
+
+@pytest.mark.parametrize("case_dir", golden_case_dirs(), ids=lambda d: d.name)
+def test_golden_case_matches_original_node(case_dir, tmp_path):
+    job_path, case, tensors = write_case_job(case_dir, tmp_path / "job")
+    models = make_models_dir(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "maskfleet.cli", "run", str(job_path), "--models", str(models), "--device", "cpu", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["shape"] == case["latent_shape"]
+
+    out = load_file(tmp_path / "job" / "out.latent")["latent_tensor"]
+    ref = tensors["out_intended"]
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel <= REL_L2_TOLERANCE, f"{case['id']}: relative L2 error {rel:.3e}"
