@@ -1,0 +1,139 @@
+"""`maskfleet run`, `demo` and `schema` as a user meets them: results, clear errors, nothing half-written."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
+from maskfleet.cli import main
+
+CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
+
+
+@pytest.fixture
+def job(tmp_path):
+    """A valid job (golden case c03) as (dict, path, models dir); tests break one thing each."""
+    job_path, _, _ = write_case_job(CASE, tmp_path / "job")
+    return json.loads(job_path.read_text()), job_path, make_models_dir(tmp_path)
+
+
+def run_cli(job_dict, job_path, models, capsys):
+    job_path.write_text(json.dumps(job_dict))
+    code = main(["run", str(job_path), "--models", str(models), "--device", "cpu", "--quiet"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def output_path(job_dict):
+    return job_dict["output"].removeprefix("file://")
+
+
+def test_run_prints_result_and_writes_a_comfyui_latent(job, capsys):
+    job_dict, job_path, models = job
+    code, out, err = run_cli(job_dict, job_path, models, capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["output"] == job_dict["output"] and result["shape"] == [1, 4, 32, 32]
+    tensors = load_file(output_path(job_dict))
+    assert set(tensors) == {"latent_tensor", "latent_format_version_0"}  # what ComfyUI's LoadLatent reads unscaled
+
+
+def _set(d, dotted, value):
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d[k]
+    if value is _DELETE:
+        del d[keys[-1]]
+    else:
+        d[keys[-1]] = value
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("steps", 0, "steps"),
+        ("denoise", 0, "denoise"),
+        ("seed", 2**64, "seed"),
+        ("overlap_factor", -2, "overlap_factor"),
+        ("base_sampler.sampler_name", "euler_x", "base_sampler.sampler_name"),
+        ("mask_sampler.scheduler", "cosine", "mask_sampler.scheduler"),
+        ("mask_sampler.cfg", "high", "mask_sampler.cfg"),
+        ("bogus", 1, "bogus: Extra inputs are not permitted"),
+        ("latent", _DELETE, "latent: Field required"),
+        ("base_sampler.model", "../tiny", "base_sampler.model"),
+        ("base_sampler.model", "missing", "base_sampler.model"),
+        ("mask", "file:///nonexistent/mask.png", "mask"),
+        ("latent", "s3://bucket/x.latent", "latent"),
+        ("output", "file:///tmp/out.png", "output"),
+        ("mode", "coherent", "mode"),
+    ],
+)
+def test_bad_job_exits_2_names_the_field_and_writes_nothing(job, capsys, field, value, message):
+    job_dict, job_path, models = job
+    _set(job_dict, field, value)
+    code, out, err = run_cli(job_dict, job_path, models, capsys)
+    assert code == 2
+    assert message in err
+    assert out == ""
+    assert not (job_path.parent / "out.latent").exists()
+
+
+def test_nan_in_latent_is_refused(job, capsys):
+    job_dict, job_path, models = job
+    bad = job_path.parent / "nan.latent"
+    save_file({"latent_tensor": torch.full((1, 4, 32, 32), float("nan")), "latent_format_version_0": torch.tensor([])}, bad)
+    job_dict["latent"] = bad.as_uri()
+    code, _, err = run_cli(job_dict, job_path, models, capsys)
+    assert code == 2 and "latent" in err and "NaN" in err
+    assert not (job_path.parent / "out.latent").exists()
+
+
+def test_output_may_not_overwrite_an_input(job, capsys):
+    job_dict, job_path, models = job
+    job_dict["output"] = job_dict["latent"]
+    before = (job_path.parent / "in.latent").read_bytes()
+    code, _, err = run_cli(job_dict, job_path, models, capsys)
+    assert code == 2 and "output" in err
+    assert (job_path.parent / "in.latent").read_bytes() == before
+
+
+def test_safetensors_output_and_png_preview(job, capsys):
+    job_dict, job_path, models = job
+    job_dict["output"] = (job_path.parent / "out.safetensors").as_uri()
+    job_dict["preview"] = (job_path.parent / "out.png").as_uri()
+    code, _, err = run_cli(job_dict, job_path, models, capsys)
+    assert code == 0, err
+    assert list(load_file(job_path.parent / "out.safetensors")) == ["latent"]
+    assert (job_path.parent / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_schema_lists_every_job_field(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert {"seed", "steps", "denoise", "overlap_factor", "latent", "mask", "base_sampler", "mask_sampler", "output"} <= set(schema["properties"])
+    assert schema["additionalProperties"] is False
+
+
+def test_demo_then_run_again_gives_bitwise_the_same_latent(tmp_path):
+    folder = tmp_path / "demo"
+    first = subprocess.run([sys.executable, "-m", "maskfleet.cli", "demo", "--dir", str(folder), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "call 20/20 (mask sampler)" in first.stderr  # progress lines
+    out1 = load_file(folder / "output.latent")["latent_tensor"]
+    assert (folder / "output.png").is_file()
+    (folder / "output.latent").unlink()
+    again = subprocess.run(
+        [sys.executable, "-m", "maskfleet.cli", "run", str(folder / "job.json"), "--models", str(folder / "models"), "--device", "cpu", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode == 0, again.stderr
+    out2 = load_file(folder / "output.latent")["latent_tensor"]
+    assert torch.isfinite(out1).all() and torch.equal(out1, out2)
