@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy
 import pytest
 import torch
+
+from golden_jobs import golden_case_dirs
 
 from maskfleet.sampling import SCHEDULERS, InvalidInput, NoiseSchedule
 from maskfleet.sampling.samplers import SAMPLERS, check_sampler_name
@@ -24,8 +25,8 @@ from maskfleet.sampling.schedulers import (
     simple,
 )
 
-GOLDEN = Path("/work/shared/golden/cases")
-GOLDEN_CASES = sorted(GOLDEN.glob("*/case.json")) if GOLDEN.is_dir() else []
+# In-repo golden cases (tests/data/golden) plus any held-out ones under $MASKFLEET_GOLDEN_DIR.
+GOLDEN_CASES = [d / "case.json" for d in golden_case_dirs()]
 STEP_COUNTS = [1, 2, 3, 4, 5, 6, 7, 8, 10, 13, 20, 25, 30, 50]
 
 
