@@ -96,7 +96,8 @@ def _one_pass(
     sigmas = step_sigmas(total, start, end, leftover)
     if sigmas is None:
         return x_in
-    sigmas = sigmas.to(x_in.device)
+    # The sigmas stay on the CPU (0-d CPU tensors mix with tensors on any device), so the
+    # steps' sigma comparisons and the denoiser's timestep lookup never wait on a GPU.
     rng, seed = randomness.rng, randomness.seed
     if add_noise:
         noise = rng.seeded_randn(seed, x_in.shape, x_in.device)

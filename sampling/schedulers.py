@@ -1,8 +1,10 @@
 """Sigma schedules by ComfyUI scheduler name.
 
-Every function returns a float32 tensor of `steps + 1` sigmas (fewer for `beta`, which
-drops repeats) ending at 0, computed exactly as ComfyUI does so that the same scheduler
-name gives the same sigmas. `schedule_for` adds the sampler-specific rule: dpm_2,
+Every function returns a float32 tensor of sigmas ending at 0, computed exactly as ComfyUI
+does so that the same scheduler name gives the same sigmas: usually `steps + 1` of them,
+but `beta` drops repeated timesteps (fewer at high step counts) and `ddim_uniform` walks
+indices 1, 1 + 1000 // steps, ... up to 999 (one more for steps such as 6 or 7). The loop
+handles either: a step past the schedule's end leaves the latent as it is, as in ComfyUI. `schedule_for` adds the sampler-specific rule: dpm_2,
 dpm_2_ancestral and uni_pc take a schedule for one more step with the second-to-last
 sigma dropped.
 """
