@@ -1,33 +1,72 @@
 """Conditioning files: prompt embeddings computed by the producer, as safetensors.
 
-Workers do not run text encoders; producers send the embeddings (``prompt_embeds`` as
-diffusers' pipelines name them). This module reads and checks them.
+Workers do not run text encoders; producers send the embeddings (``prompt_embeds`` and,
+for SDXL-style models, ``pooled_prompt_embeds``, as diffusers' pipelines name them).
+This module reads and checks them; the decoding is pure, on bytes.
 """
-
-from pathlib import Path
 
 import torch
 
 from .errors import InvalidFile
-from .file_uris import DEFAULT_MAX_INPUT_BYTES, read_bytes
+from .file_uris import DEFAULT_MAX_INPUT_BYTES
+from .objects import Uri, object_name, read_object
 from .safetensors_files import (
     load_safetensors, pick_tensor, reject_pickle_suffix, require_finite, to_float32)
 
+POOLED = "pooled_prompt_embeds"
 
-def read_conditioning(path: Path, field: str, *,
+
+def read_conditioning(uri: Uri, field: str, *,
                       max_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> torch.Tensor:
-    """Read prompt embeddings as float32 [B, T, D].
+    """Read the prompt embeddings at ``uri``, see ``decode_conditioning``."""
+    return read_conditioning_with_pooled(uri, field, max_bytes=max_bytes)[0]
 
-    The safetensors file holds ``prompt_embeds`` (other tensors such as
-    ``pooled_prompt_embeds`` are ignored) or exactly one tensor. A 2-D [T, D] tensor
-    gets a batch dimension of 1. The tensor must be floating, non-empty and finite.
+
+def read_conditioning_with_pooled(
+        uri: Uri, field: str, *, max_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read prompt embeddings and pooled embeddings (None when absent) at ``uri``."""
+    name = object_name(uri, field)
+    reject_pickle_suffix(name, field)  # before a byte is fetched
+    return decode_conditioning_with_pooled(read_object(uri, field, max_bytes), field, name)
+
+
+def decode_conditioning(data: bytes, field: str, name: str) -> torch.Tensor:
+    """Decode prompt embeddings as float32 [B, T, D], see ``decode_conditioning_with_pooled``."""
+    return decode_conditioning_with_pooled(data, field, name)[0]
+
+
+def decode_conditioning_with_pooled(
+        data: bytes, field: str, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode (prompt embeddings float32 [B, T, D], pooled float32 [B, D] or None).
+
+    The safetensors file holds ``prompt_embeds`` (other tensors are ignored, except
+    ``pooled_prompt_embeds``) or exactly one tensor. A 2-D [T, D] tensor gets a batch
+    dimension of 1. ``pooled_prompt_embeds``, when present, is [B, D] with the same B
+    (or [D], made [1, D]). Tensors must be floating, non-empty and finite.
     """
-    reject_pickle_suffix(path, field)
-    tensors = load_safetensors(read_bytes(path, field, max_bytes), field)
+    reject_pickle_suffix(name, field)
+    tensors = load_safetensors(data, field)
+    if set(tensors) == {POOLED}:
+        raise InvalidFile(field, f"holds only {POOLED}; prompt_embeds is required")
     embeds = pick_tensor(tensors, field, "prompt_embeds")
     if embeds.ndim == 2:
         embeds = embeds.unsqueeze(0)
     if embeds.ndim != 3:
         raise InvalidFile(
             field, f"has shape {list(embeds.shape)}; expected [B, T, D] or [T, D]")
-    return require_finite(to_float32(embeds, field), field)
+    embeds = require_finite(to_float32(embeds, field), field)
+    pooled = tensors.get(POOLED)
+    if pooled is None:
+        return embeds, None
+    if pooled.ndim == 1:
+        pooled = pooled.unsqueeze(0)
+    if pooled.ndim != 2 or pooled.shape[0] != embeds.shape[0]:
+        raise InvalidFile(
+            field, f"{POOLED} has shape {list(tensors[POOLED].shape)}; expected "
+            f"[{embeds.shape[0]}, D] to match prompt_embeds' batch of {embeds.shape[0]}")
+    try:
+        pooled = require_finite(to_float32(pooled, field), field)
+    except InvalidFile as e:
+        raise InvalidFile(field, f"{POOLED} {e.reason}") from None
+    return embeds, pooled

@@ -14,3 +14,12 @@ class InvalidFile(ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class StorageUnavailable(InvalidFile):
+    """The store failed or could not be reached, even after botocore's retries.
+
+    Not the job's fault: the same job may succeed later. It subclasses InvalidFile so a
+    caller that only reports InvalidFile still prints one clean line naming the field;
+    the job layer can catch this first to retry instead of failing the job.
+    """

@@ -9,6 +9,7 @@ in the same directory, fsync, ``os.replace``), so a consumer never sees half a l
 import os
 import secrets
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -22,7 +23,8 @@ def local_path(uri: str, field: str) -> Path:
 
     Accepts ``file:///abs/path`` (percent-decoded; host empty or ``localhost``) and plain
     absolute or relative paths (made absolute against the current directory). Any other
-    scheme, such as ``s3://`` or ``http://``, raises InvalidFile.
+    scheme raises InvalidFile, ``s3://`` included: ``objects.py`` dispatches on the
+    scheme and sends only local names here.
     """
     if not uri:
         raise InvalidFile(field, "empty path")
@@ -42,10 +44,10 @@ def local_path(uri: str, field: str) -> Path:
             raise InvalidFile(field, f"file:// URI {uri!r} must hold an absolute path")
     elif "://" in uri:
         if scheme == "s3":
-            reason = "s3:// URIs need the storage backend (not available in this command)"
+            reason = f"{uri!r} is an s3:// URI, not a local file path"
         else:
             reason = (f"unsupported URI scheme {parts.scheme + '://'!r}; "
-                      "use a file:// URI or a local path")
+                      "use an s3:// or file:// URI or a local path")
         raise InvalidFile(field, reason)
     else:
         path = uri
@@ -54,11 +56,14 @@ def local_path(uri: str, field: str) -> Path:
     return Path(path).absolute()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, xattrs: Mapping[str, bytes] | None = None) -> None:
     """Write ``data`` to ``path`` whole or not at all, creating parent directories.
 
     The bytes go to a temporary file next to ``path``, are fsynced, then renamed over
     ``path``. On any failure the temporary file is removed and ``path`` is untouched.
+    ``xattrs`` (such as ``{"user.sha256": b"..."}``) are set on the temporary file before
+    the rename, so the file appears with them; best effort: skipped where the filesystem
+    or platform has no extended attributes.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
@@ -68,12 +73,24 @@ def write_atomic(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            for name, value in (xattrs or {}).items():
+                _set_xattr(f.fileno(), name, value)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _set_xattr(fd: int, name: str, value: bytes) -> None:
+    setxattr = getattr(os, "setxattr", None)  # Linux only
+    if setxattr is None:
+        return
+    try:
+        setxattr(fd, name, value)
+    except OSError:  # ENOTSUP, or a filesystem mounted without user xattrs
+        pass
 
 
 def _fsync_dir(directory: Path) -> None:

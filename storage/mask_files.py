@@ -6,14 +6,14 @@ with the mask sampler".
 """
 
 import io
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidFile
-from .file_uris import DEFAULT_MAX_INPUT_BYTES, read_bytes
+from .file_uris import DEFAULT_MAX_INPUT_BYTES
+from .objects import Uri, object_name, read_object
 from .safetensors_files import (
     is_safetensors, load_safetensors, pick_tensor, reject_pickle_suffix, require_finite,
     to_float32)
@@ -22,18 +22,26 @@ MAX_MASK_PIXELS = 64 * 1024 * 1024
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 
 
-def read_mask(path: Path, field: str = "mask", *,
+def read_mask(uri: Uri, field: str = "mask", *,
               max_bytes: int = DEFAULT_MAX_INPUT_BYTES,
               max_pixels: int = MAX_MASK_PIXELS) -> torch.Tensor:
-    """Read a mask as float32 [B, H, W] with values in [0, 1].
+    """Read the mask at ``uri`` (at most ``max_bytes``), see ``decode_mask``."""
+    name = object_name(uri, field)
+    reject_pickle_suffix(name, field)  # before a byte is fetched
+    return decode_mask(read_object(uri, field, max_bytes), field, name, max_pixels=max_pixels)
+
+
+def decode_mask(data: bytes, field: str, name: str, *,
+                max_pixels: int = MAX_MASK_PIXELS) -> torch.Tensor:
+    """Decode a mask as float32 [B, H, W] with values in [0, 1].
 
     Safetensors files (recognised by content) hold exactly one floating or bool tensor
     of shape [H, W], [B, H, W] or [B, 1, H, W]; it must be finite and is clamped to
     [0, 1]. Anything else is opened with Pillow (PNG, JPEG, WebP...), see
-    ``image_to_mask``; images over ``max_pixels`` pixels are refused.
+    ``image_to_mask``; images over ``max_pixels`` pixels are refused. ``name`` (the
+    URI's last segment) is only checked for pickle suffixes.
     """
-    reject_pickle_suffix(path, field)
-    data = read_bytes(path, field, max_bytes)
+    reject_pickle_suffix(name, field)
     if is_safetensors(data):
         return _tensor_to_mask(pick_tensor(load_safetensors(data, field), field), field)
     try:

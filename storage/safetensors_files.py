@@ -6,7 +6,7 @@ suffixes outright with a reason the user can act on, and share the dtype, emptin
 finiteness checks so the latent, mask and conditioning readers fail the same way.
 """
 
-from pathlib import Path
+from pathlib import PurePosixPath
 
 import safetensors
 import safetensors.torch
@@ -18,12 +18,12 @@ PICKLE_SUFFIXES = frozenset({".pt", ".ckpt", ".pth", ".bin", ".pkl"})
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def reject_pickle_suffix(path: Path, field: str) -> None:
-    """Refuse file names whose suffix says pickle, before reading a byte."""
-    suffix = path.suffix.lower()
+def reject_pickle_suffix(name: str, field: str) -> None:
+    """Refuse file names (last URI segment) whose suffix says pickle, before reading a byte."""
+    suffix = PurePosixPath(name).suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         raise InvalidFile(
-            field, f"{path.name}: {suffix} files are pickles, which are never loaded "
+            field, f"{name}: {suffix} files are pickles, which are never loaded "
             "(they can run code); save the tensor with safetensors instead")
 
 

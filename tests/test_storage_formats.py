@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+import safetensors.torch
 from safetensors.torch import load_file, save_file
 
 from maskfleet.storage import (
-    InvalidFile, encode_latent, read_conditioning, read_latent, read_mask, write_latent)
+    InvalidFile, decode_conditioning_with_pooled, decode_latent, decode_mask, encode_latent,
+    read_conditioning, read_conditioning_with_pooled, read_latent, read_mask, write_latent)
 
 
 def latent(shape=(1, 4, 8, 8), dtype=torch.float32):
@@ -23,11 +25,39 @@ def latent(shape=(1, 4, 8, 8), dtype=torch.float32):
 def test_latent_round_trip_writes_comfy_layout(tmp_path):
     x = latent((2, 4, 8, 16))
     path = tmp_path / "out" / "x.latent"
-    write_latent(path, x)
+    write_latent(path.as_uri(), x)
     stored = load_file(path)
     assert set(stored) == {"latent_tensor", "latent_format_version_0"}
     assert stored["latent_format_version_0"].numel() == 0
-    assert torch.equal(read_latent(path), x)
+    assert torch.equal(read_latent(path.as_uri()), x)
+
+
+def test_readers_take_file_uris_plain_paths_and_path_objects(tmp_path, monkeypatch):
+    x = latent()
+    (tmp_path / "my dir").mkdir()
+    path = tmp_path / "my dir" / "x#1.latent"
+    write_latent(str(path), x)
+    monkeypatch.chdir(tmp_path)
+    for uri in (path.as_uri(), str(path), "my dir/x#1.latent", path):
+        assert torch.equal(read_latent(uri), x)
+    mask, cond = tmp_path / "m.safetensors", tmp_path / "c.safetensors"
+    save_file({"m": torch.ones(1, 2, 2)}, mask)
+    save_file({"prompt_embeds": torch.ones(1, 3, 4)}, cond)
+    for uri in (mask.as_uri(), "m.safetensors", mask):
+        assert read_mask(uri).shape == (1, 2, 2)
+    for uri in (cond.as_uri(), "c.safetensors", cond):
+        assert read_conditioning(uri, "positive").shape == (1, 3, 4)
+
+
+def test_decoders_work_on_bytes_and_use_the_name_for_pickle_checks():
+    data = encode_latent(latent(), ".latent")
+    assert torch.equal(decode_latent(data, "latent", "x.latent"), latent())
+    assert decode_mask(save_mask_bytes(), "mask", "m.bin.safetensors").shape == (1, 2, 2)
+    with pytest.raises(InvalidFile, match=r"x\.pth: \.pth files are pickles") as info:
+        decode_latent(data, "base_latent", "x.pth")
+    assert info.value.field == "base_latent"
+    with pytest.raises(InvalidFile, match="pickles"):
+        decode_mask(save_mask_bytes(), "mask", "m.pkl")
 
 
 def test_latent_without_version_marker_is_rescaled_like_comfyui(tmp_path):
@@ -128,6 +158,10 @@ def test_latent_size_cap(tmp_path):
 
 
 # --- masks -----------------------------------------------------------------------------
+
+def save_mask_bytes():
+    return safetensors.torch.save({"m": torch.ones(1, 2, 2)})
+
 
 def save_image(path, array, mode):
     Image.fromarray(np.asarray(array), mode=mode).save(path)
@@ -274,3 +308,37 @@ def test_bad_conditioning(tmp_path, tensors, words):
     with pytest.raises(InvalidFile) as info:
         read_conditioning(path, "positive")
     assert words in info.value.reason and info.value.field == "positive"
+
+
+def cond_bytes(tensors):
+    return safetensors.torch.save(tensors)
+
+
+def test_conditioning_with_pooled(tmp_path):
+    embeds, pooled = torch.randn(2, 77, 32), torch.randn(2, 1280, dtype=torch.float16)
+    path = tmp_path / "c.safetensors"
+    save_file({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, path)
+    got, got_pooled = read_conditioning_with_pooled(path.as_uri(), "positive")
+    assert torch.equal(got, embeds)
+    assert got_pooled.dtype == torch.float32 and torch.equal(got_pooled, pooled.float())
+    single = cond_bytes({"prompt_embeds": torch.ones(77, 8), "pooled_prompt_embeds": torch.ones(8)})
+    got, got_pooled = decode_conditioning_with_pooled(single, "negative", "c.safetensors")
+    assert got.shape == (1, 77, 8) and got_pooled.shape == (1, 8)
+    assert decode_conditioning_with_pooled(cond_bytes({"x": torch.ones(1, 3, 4)}), "negative", "c")[1] is None
+
+
+@pytest.mark.parametrize("tensors, words", [
+    ({"prompt_embeds": torch.zeros(2, 3, 4), "pooled_prompt_embeds": torch.zeros(1, 4)},
+     "pooled_prompt_embeds has shape [1, 4]; expected [2, D]"),
+    ({"prompt_embeds": torch.zeros(1, 3, 4), "pooled_prompt_embeds": torch.zeros(1, 1, 4)},
+     "pooled_prompt_embeds has shape [1, 1, 4]"),
+    ({"prompt_embeds": torch.zeros(1, 3, 4), "pooled_prompt_embeds": torch.zeros(1, 4, dtype=torch.int32)},
+     "pooled_prompt_embeds has dtype int32"),
+    ({"prompt_embeds": torch.zeros(1, 3, 4), "pooled_prompt_embeds": torch.full((1, 4), float("nan"))},
+     "pooled_prompt_embeds contains 4 NaN"),
+    ({"pooled_prompt_embeds": torch.zeros(1, 4)}, "holds only pooled_prompt_embeds"),
+])
+def test_bad_pooled_conditioning(tensors, words):
+    with pytest.raises(InvalidFile) as info:
+        decode_conditioning_with_pooled(cond_bytes(tensors), "mask_sampler.positive", "c.safetensors")
+    assert words in info.value.reason and info.value.field == "mask_sampler.positive"
