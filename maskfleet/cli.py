@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("job", help="path of the job JSON file")
-    run.add_argument("--models", help="model directory (default: $MASKFLEET_MODELS)")
+    run.add_argument("--models", help="model store: a directory or s3://bucket/prefix (default: $MASKFLEET_MODELS)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model weights dtype")
     run.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

@@ -6,9 +6,9 @@ help lists its fields, and validation errors name the offending field.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from .sampling import MODES, SAMPLERS, SCHEDULERS
 
@@ -20,6 +20,25 @@ MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
 
+class PromptText(BaseModel):
+    """A prompt given as text, encoded by the model's own text encoder (model dirs with `text_encoder/` and `tokenizer/`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=10000, description="Prompt text; empty is the unconditional prompt.")
+
+
+def _conditioning_kind(value) -> str:
+    return "prompt" if isinstance(value, (dict, PromptText)) else "uri"
+
+
+Conditioning = Annotated[
+    Union[Annotated[str, Field(min_length=1), Tag("uri")], Annotated[PromptText, Tag("prompt")]],
+    Discriminator(_conditioning_kind),
+    Field(description="URI of a conditioning file (safetensors: prompt_embeds or one tensor), or {\"prompt\": \"text\"}."),
+]
+
+
 class SamplerSpec(BaseModel):
     """One advanced sampler: what ComfyUI's KSamplerAdvanced takes, minus the step range."""
 
@@ -29,8 +48,8 @@ class SamplerSpec(BaseModel):
     sampler_name: SamplerName = Field(description="ComfyUI sampler name.")
     scheduler: SchedulerName = Field(description="ComfyUI scheduler name.")
     cfg: float = Field(8.0, ge=0.0, le=100.0, description="Classifier-free guidance scale; 1.0 skips the negative prompt.")
-    positive: str = Field(min_length=1, description="URI of the positive conditioning (safetensors: prompt_embeds or one tensor).")
-    negative: str = Field(min_length=1, description="URI of the negative conditioning (safetensors: prompt_embeds or one tensor).")
+    positive: Conditioning
+    negative: Conditioning
 
 
 class Job(BaseModel):
@@ -59,7 +78,10 @@ class JobError(ValueError):
 def _describe(error: ValidationError) -> str:
     lines = []
     for e in error.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "job"
+        loc = [str(p) for p in e["loc"]]
+        # Drop the union tag pydantic puts after positive/negative ("uri" or "prompt").
+        loc = [p for i, p in enumerate(loc) if not (i and loc[i - 1] in ("positive", "negative") and p in ("uri", "prompt"))]
+        where = ".".join(loc) or "job"
         lines.append(f"{where}: {e['msg']}")
     return "; ".join(lines)
 

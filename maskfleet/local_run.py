@@ -1,9 +1,10 @@
-"""Run one job in this process on local files: what `maskfleet run` does.
+"""Run jobs in this process: what `maskfleet run` does, and what a worker will do per job.
 
-Data flows one way: job -> inputs read and checked -> models loaded -> sampling ->
-output written whole (temp file + rename). Every input is read and every path checked
-before the model is loaded or anything is written, so a bad job fails fast and leaves
-no output behind.
+Data flows one way: job -> every URI checked -> models found (fetched into the cache if
+the store is S3) -> inputs read and checked -> models loaded (kept in an LRU across
+jobs) -> sampling -> output written whole (temp file + rename locally, one PUT or a
+completed multipart upload on S3). Every input is read and checked before a model is
+loaded or anything is written, so a bad job fails fast and leaves no output behind.
 """
 from __future__ import annotations
 
@@ -14,26 +15,32 @@ from typing import Callable
 
 import torch
 
-from .job import Job
+from .job import Job, PromptText
+from .model_cache import LoadedModels
+from .prompt_encoder import PromptEncoder
 from .sampling import AdvancedSampler, sample_two_samplers
 from .sampling.errors import InvalidInput
 from .sampling.unet_denoiser import UNetDenoiser, load_unet_denoiser
 from .storage.conditioning_files import read_conditioning
-from .storage.file_uris import local_path, write_atomic
+from .storage.file_uris import local_path
 from .storage.latent_files import encode_latent, read_latent
 from .storage.mask_files import read_mask
-from .storage.model_store import resolve_model_dir
+from .storage.model_store import ModelStore
+from .storage.objects import check_uri, delete_object, is_s3_uri, object_name, write_object
 from .storage.preview_png import encode_preview_png
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OUTPUT_SUFFIXES = (".latent", ".safetensors")
+SAMPLER_FIELDS = ("base_sampler", "mask_sampler")
+ProgressHook = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
 class RunOptions:
-    models_root: Path
+    models_root: str  # local folder, file:// or s3://bucket/prefix
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"
+    model_cache_dir: Path | None = None  # where S3 models are downloaded (default: the store's)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -41,125 +48,134 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidInput("device", f"{device!r} asked for but no CUDA device is available")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise InvalidInput("device", f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
 
 
-@dataclass
-class _Paths:
-    latent: Path
-    mask: Path
-    conditioning: dict[str, Path]
-    output: Path
-    preview: Path | None
+def _same_object_key(uri: str) -> str:
+    """A key under which two URIs naming the same object compare equal."""
+    return uri if is_s3_uri(uri) else str(local_path(uri, "uri").resolve())
 
 
-def _check_paths(job: Job) -> _Paths:
-    conditioning = {
-        f"{which}.{kind}": local_path(getattr(getattr(job, which), kind), f"{which}.{kind}")
-        for which in ("base_sampler", "mask_sampler")
-        for kind in ("positive", "negative")
-    }
-    paths = _Paths(
-        latent=local_path(job.latent, "latent"),
-        mask=local_path(job.mask, "mask"),
-        conditioning=conditioning,
-        output=local_path(job.output, "output"),
-        preview=local_path(job.preview, "preview") if job.preview else None,
-    )
-    if paths.output.suffix not in OUTPUT_SUFFIXES:
-        raise InvalidInput("output", f"suffix must be one of {', '.join(OUTPUT_SUFFIXES)}, got {paths.output.name!r}")
-    if paths.preview is not None and paths.preview.suffix.lower() != ".png":
-        raise InvalidInput("preview", f"must name a .png file, got {paths.preview.name!r}")
-    inputs = {paths.latent.resolve(), paths.mask.resolve(), *(p.resolve() for p in conditioning.values())}
-    for field, target in (("output", paths.output), ("preview", paths.preview)):
-        if target is not None and target.resolve() in inputs:
+def check_job_uris(job: Job) -> None:
+    """Syntax of every URI, the output's suffix, and that no output would overwrite an input."""
+    inputs = {"latent": job.latent, "mask": job.mask}
+    for field in SAMPLER_FIELDS:
+        spec = getattr(job, field)
+        for kind in ("positive", "negative"):
+            value = getattr(spec, kind)
+            if isinstance(value, str):
+                inputs[f"{field}.{kind}"] = value
+    for field, uri in inputs.items():
+        check_uri(uri, field)
+    outputs = {"output": job.output, **({"preview": job.preview} if job.preview else {})}
+    for field, uri in outputs.items():
+        check_uri(uri, field)
+    suffix = Path(object_name(job.output, "output")).suffix
+    if suffix not in OUTPUT_SUFFIXES:
+        raise InvalidInput("output", f"suffix must be one of {', '.join(OUTPUT_SUFFIXES)}, got {suffix or 'none'!r}")
+    if job.preview and Path(object_name(job.preview, "preview")).suffix.lower() != ".png":
+        raise InvalidInput("preview", "must name a .png object")
+    taken = {_same_object_key(uri) for uri in inputs.values()}
+    for field, uri in outputs.items():
+        if _same_object_key(uri) in taken:
             raise InvalidInput(field, "would overwrite one of the job's inputs")
-    return paths
+    if job.preview and _same_object_key(job.preview) == _same_object_key(job.output):
+        raise InvalidInput("preview", "must differ from output")
 
 
-class ModelLoader:
-    """Loads each (model name, device, dtype) once; both samplers of a job may share a model."""
+class JobRunner:
+    """Runs jobs one after another, keeping models and prompt encodings loaded between them."""
 
     def __init__(self, options: RunOptions):
-        self.options = options
-        self.device = resolve_device(options.device)
         if options.dtype not in DTYPES:
             raise InvalidInput("dtype", f"unknown dtype {options.dtype!r}; valid: {', '.join(DTYPES)}")
+        self.device = resolve_device(options.device)
         self.dtype = DTYPES[options.dtype]
-        self._loaded: dict[str, UNetDenoiser] = {}
+        self.store = ModelStore(options.models_root, options.model_cache_dir)
+        self.models: LoadedModels[UNetDenoiser] = LoadedModels(device=self.device, dtype=self.dtype)
+        self.prompts = PromptEncoder(self.device, self.dtype)
 
-    def get(self, name: str, field: str) -> UNetDenoiser:
-        if name not in self._loaded:
-            model_dir = resolve_model_dir(self.options.models_root, name, field)
-            self._loaded[name] = load_unet_denoiser(model_dir, self.device, self.dtype)
-        return self._loaded[name]
+    def _conditioning(self, value: str | PromptText, model_dir: Path, field: str) -> torch.Tensor:
+        if isinstance(value, PromptText):
+            return self.prompts.encode(model_dir, value.prompt, field)
+        return read_conditioning(value, field).to(self.device)
+
+    def run(self, job: Job, on_progress: ProgressHook | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+        """Run `job` and return a small JSON-able result (never tensors)."""
+        started = time.perf_counter()
+        check_job_uris(job)
+        model_dirs = {field: self.store.local_dir(getattr(job, field).model, f"{field}.model") for field in SAMPLER_FIELDS}
+        latent = read_latent(job.latent, "latent")
+        mask = read_mask(job.mask, "mask")
+        cond = {
+            f"{field}.{kind}": self._conditioning(getattr(getattr(job, field), kind), model_dirs[field], f"{field}.{kind}")
+            for field in SAMPLER_FIELDS
+            for kind in ("positive", "negative")
+        }
+        samplers = {}
+        for field in SAMPLER_FIELDS:
+            spec = getattr(job, field)
+            denoiser = self.models.get(
+                spec.model, f"{field}.model", lambda d=model_dirs[field]: load_unet_denoiser(d, self.device, self.dtype)
+            )
+            samplers[field] = AdvancedSampler(
+                denoiser=denoiser,
+                cfg=spec.cfg,
+                sampler_name=spec.sampler_name,
+                scheduler=spec.scheduler,
+                positive=cond[f"{field}.positive"],
+                negative=cond[f"{field}.negative"],
+            )
+        loaded = time.perf_counter()
+        out = sample_two_samplers(
+            latent.to(self.device),
+            mask,
+            samplers["base_sampler"],
+            samplers["mask_sampler"],
+            seed=job.seed,
+            steps=job.steps,
+            denoise=job.denoise,
+            overlap_factor=job.overlap_factor,
+            mode=job.mode,
+            on_progress=on_progress,
+            should_stop=should_stop,
+        ).cpu()
+        sampled = time.perf_counter()
+        if not torch.isfinite(out).all():
+            raise InvalidInput("output", "sampling produced NaN or infinite values; nothing was written")
+        sha256 = self._write(job, out)
+        return {
+            "job_id": job.job_id,
+            "output": job.output,
+            "sha256": sha256,
+            "preview": job.preview,
+            "shape": list(out.shape),
+            "dtype": str(out.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "seconds": {
+                "total": round(time.perf_counter() - started, 4),
+                "prepare": round(loaded - started, 4),
+                "sampling": round(sampled - loaded, 4),
+            },
+        }
+
+    @staticmethod
+    def _write(job: Job, out: torch.Tensor) -> str:
+        """Write the preview, then the output; if the output fails, take the preview back."""
+        data = encode_latent(out, Path(object_name(job.output, "output")).suffix)
+        if job.preview:
+            write_object(job.preview, encode_preview_png(out), "preview", content_type="image/png")
+        try:
+            return write_object(job.output, data, "output")
+        except BaseException:
+            if job.preview:
+                delete_object(job.preview, "preview")
+            raise
 
 
-def run_job(
-    job: Job,
-    options: RunOptions,
-    on_progress: Callable[[int, int, str], None] | None = None,
-    loader: ModelLoader | None = None,
-) -> dict:
-    """Run `job` on local files and return a small JSON-able result (never tensors)."""
-    started = time.perf_counter()
-    paths = _check_paths(job)
-    loader = loader or ModelLoader(options)
-    for field in ("base_sampler", "mask_sampler"):
-        resolve_model_dir(options.models_root, getattr(job, field).model, f"{field}.model")
-    latent = read_latent(paths.latent, "latent")
-    mask = read_mask(paths.mask, "mask")
-    cond = {field: read_conditioning(path, field) for field, path in paths.conditioning.items()}
-
-    samplers = {}
-    for field in ("base_sampler", "mask_sampler"):
-        spec = getattr(job, field)
-        denoiser = loader.get(spec.model, f"{field}.model")
-        samplers[field] = AdvancedSampler(
-            denoiser=denoiser,
-            cfg=spec.cfg,
-            sampler_name=spec.sampler_name,
-            scheduler=spec.scheduler,
-            positive=cond[f"{field}.positive"].to(loader.device),
-            negative=cond[f"{field}.negative"].to(loader.device),
-        )
-    loaded = time.perf_counter()
-    out = sample_two_samplers(
-        latent.to(loader.device),
-        mask,
-        samplers["base_sampler"],
-        samplers["mask_sampler"],
-        seed=job.seed,
-        steps=job.steps,
-        denoise=job.denoise,
-        overlap_factor=job.overlap_factor,
-        mode=job.mode,
-        on_progress=on_progress,
-    ).cpu()
-    sampled = time.perf_counter()
-    if not torch.isfinite(out).all():
-        raise InvalidInput("output", "sampling produced NaN or infinite values; nothing was written")
-
-    data = encode_latent(out, paths.output.suffix)
-    preview = encode_preview_png(out) if paths.preview is not None else None
-    if paths.preview is not None:
-        write_atomic(paths.preview, preview)
-    try:
-        write_atomic(paths.output, data)
-    except BaseException:
-        if paths.preview is not None:
-            paths.preview.unlink(missing_ok=True)
-        raise
-    return {
-        "job_id": job.job_id,
-        "output": job.output,
-        "preview": job.preview,
-        "shape": list(out.shape),
-        "dtype": str(out.dtype).removeprefix("torch."),
-        "device": str(loader.device),
-        "seconds": {
-            "total": round(time.perf_counter() - started, 4),
-            "load": round(loaded - started, 4),
-            "sampling": round(sampled - loaded, 4),
-        },
-    }
+def run_job(job: Job, options: RunOptions, on_progress: ProgressHook | None = None) -> dict:
+    """Run one job with a fresh runner (the CLI's case)."""
+    return JobRunner(options).run(job, on_progress)

@@ -44,12 +44,15 @@ FETCHED_SUFFIXES = (".safetensors", ".json", ".txt")
 PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth", ".pkl", ".pickle")
 
 
-def models_root_from(cli_value: str | None) -> Path:
-    """Return the models root: ``cli_value`` if given, else $MASKFLEET_MODELS."""
+def models_root_from(cli_value: str | None) -> str:
+    """The models root as given (a local path, ``file://`` or ``s3://`` URI): ``cli_value``, else $MASKFLEET_MODELS.
+
+    Kept a string: ``Path("s3://b/p")`` would fold the ``//``.
+    """
     value = cli_value or os.environ.get(MODELS_ENV)
     if not value:
-        raise InvalidFile("models", f"no model directory: pass --models DIR or set {MODELS_ENV}")
-    return Path(value)
+        raise InvalidFile("models", f"no model directory: pass --models DIR (or s3://bucket/prefix) or set {MODELS_ENV}")
+    return value
 
 
 def available_models(models_root: Path) -> list[str]:

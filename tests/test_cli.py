@@ -71,7 +71,7 @@ _DELETE = object()
         ("base_sampler.model", "../tiny", "base_sampler.model"),
         ("base_sampler.model", "missing", "base_sampler.model"),
         ("mask", "file:///nonexistent/mask.png", "mask"),
-        ("latent", "s3://bucket/x.latent", "latent"),
+        ("latent", "s3://Bad_Bucket!/x.latent", "latent"),
         ("output", "file:///tmp/out.png", "output"),
         ("mode", "coherent", "mode"),
     ],

@@ -7,7 +7,6 @@ fixture in conftest.py) and boto3; the two-process test runs real processes.
 import fcntl
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import textwrap

@@ -63,8 +63,9 @@ def test_missing_root(tmp_path):
 
 def test_models_root_from_cli_then_env(monkeypatch, tmp_path):
     monkeypatch.setenv("MASKFLEET_MODELS", str(tmp_path / "env"))
-    assert models_root_from(str(tmp_path / "cli")) == tmp_path / "cli"
-    assert models_root_from(None) == tmp_path / "env"
+    assert models_root_from(str(tmp_path / "cli")) == str(tmp_path / "cli")
+    assert models_root_from(None) == str(tmp_path / "env")
+    assert models_root_from("s3://bucket/models") == "s3://bucket/models"
     monkeypatch.delenv("MASKFLEET_MODELS")
     with pytest.raises(InvalidFile) as info:
         models_root_from(None)
