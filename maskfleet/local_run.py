@@ -32,6 +32,7 @@ from .storage.preview_png import encode_preview_png
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OUTPUT_SUFFIXES = (".latent", ".safetensors")
 SAMPLER_FIELDS = ("base_sampler", "mask_sampler")
+SDXL_LATENT_SCALE = 0.13025  # the VAE scaling factor that tells an SDXL latent (preview colours)
 ProgressHook = Callable[[int, int, str], None]
 
 
@@ -146,7 +147,8 @@ class JobRunner:
         sampled = time.perf_counter()
         if not torch.isfinite(out).all():
             raise InvalidInput("output", "sampling produced NaN or infinite values; nothing was written")
-        sha256 = self._write(job, out)
+        family = "sdxl" if abs(samplers["base_sampler"].denoiser.latent_scale - SDXL_LATENT_SCALE) < 1e-6 else "sd15"
+        sha256 = self._write(job, out, family)
         return {
             "job_id": job.job_id,
             "output": job.output,
@@ -163,11 +165,11 @@ class JobRunner:
         }
 
     @staticmethod
-    def _write(job: Job, out: torch.Tensor) -> str:
+    def _write(job: Job, out: torch.Tensor, preview_family: str) -> str:
         """Write the preview, then the output; if the output fails, take the preview back."""
         data = encode_latent(out, Path(object_name(job.output, "output")).suffix)
         if job.preview:
-            write_object(job.preview, encode_preview_png(out), "preview", content_type="image/png")
+            write_object(job.preview, encode_preview_png(out, preview_family), "preview", content_type="image/png")
         try:
             return write_object(job.output, data, "output")
         except BaseException:
