@@ -1,0 +1,299 @@
+"""Job status webhooks, signed per Standard Webhooks and sent from a background thread.
+
+Why a thread: the caller is the sampling loop on a GPU. A receiver that is slow, down
+or answering 500 must cost that loop nothing, so :meth:`WebhookSender.emit` only
+serialises the event and puts it on a queue; one daemon thread posts the events in
+order, retries with exponential backoff, and drops an event (with a log line) once
+its attempts or its deadline run out.
+
+Signing (https://www.standardwebhooks.com): each event carries ``webhook-id``
+(unique per event, the same on every retry of it), ``webhook-timestamp`` (integer
+seconds, of the attempt) and ``webhook-signature`` = ``v1,`` + base64 of
+HMAC-SHA256(key, ``f"{id}.{timestamp}.{body}"``). The key comes from
+``MASKFLEET_WEBHOOK_SECRET`` and is decoded exactly as the ``standardwebhooks``
+package decodes a string secret (``whsec_`` prefix dropped, the rest base64), so a
+receiver's ``Webhook(secret).verify(body, headers)`` accepts our requests.
+
+Which URLs may be called is :mod:`callback_policy`'s business (checked when the job
+is submitted and when it runs); the sender does not follow redirects, so a receiver
+cannot send it somewhere the policy would have refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import http.client
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+SECRET_ENV = "MASKFLEET_WEBHOOK_SECRET"
+EVENT_TYPES = ("job.started", "job.progress", "job.succeeded", "job.failed", "job.cancelled")
+FINAL_EVENT_TYPES = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
+_STOP = object()
+
+
+# --- signing -------------------------------------------------------------------------
+
+def load_secret(secret: str | bytes | None = None) -> bytes:
+    """The HMAC key: ``secret``, or ``MASKFLEET_WEBHOOK_SECRET`` when None.
+
+    A string is read as ``standardwebhooks.Webhook(secret)`` reads it (``whsec_``
+    prefix optional, base64 after it); bytes are the key itself.
+    """
+    if secret is None:
+        secret = os.environ.get(SECRET_ENV, "")
+        if not secret:
+            raise ValueError(f"{SECRET_ENV} is not set; webhooks are always signed")
+    if isinstance(secret, str):
+        try:
+            # Same call as standardwebhooks: padding added, stray characters skipped.
+            key = base64.b64decode(secret.removeprefix("whsec_") + "==")
+        except binascii.Error as exc:
+            raise ValueError(f"{SECRET_ENV}: expected whsec_<base64> ({exc})") from None
+    else:
+        key = bytes(secret)
+    if not key:
+        raise ValueError(f"{SECRET_ENV}: the secret is empty")
+    return key
+
+
+def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header value for one attempt."""
+    digest = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode("ascii")
+
+
+def event_type_name(name: str) -> str:
+    """``"started"`` or ``"job.started"`` -> ``"job.started"``; ValueError if unknown."""
+    full = name if name.startswith("job.") else f"job.{name}"
+    if full not in EVENT_TYPES:
+        raise ValueError(f"unknown webhook event {name!r}; expected one of {EVENT_TYPES}")
+    return full
+
+
+# --- the sender ----------------------------------------------------------------------
+
+@dataclass
+class _Event:
+    url: str
+    type: str
+    job_id: str | None
+    msg_id: str
+    body: bytes
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # a 3xx then surfaces as an HTTPError, not retried
+
+
+class WebhookSender:
+    """Posts job events to callback URLs from one background thread.
+
+    Events are delivered in the order they were emitted (progress events excepted:
+    per job at most one per ``progress_interval`` seconds goes out, the latest one;
+    a held progress event is sent before that job's next non-progress event).
+    A delivery is retried on connection errors, timeouts, 5xx and 429, waiting
+    ``backoff`` * 2**n seconds (at most ``max_backoff``, or the receiver's
+    Retry-After) for up to ``max_attempts`` attempts within ``deadline`` seconds.
+    """
+
+    def __init__(self, secret: str | bytes | None = None, *, timeout: float = 5.0,
+                 max_attempts: int = 6, backoff: float = 0.5, max_backoff: float = 8.0,
+                 deadline: float = 60.0, progress_interval: float = 1.0,
+                 max_queue: int = 10_000):
+        self._key = load_secret(secret)
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.deadline = deadline
+        self.progress_interval = progress_interval
+        self._opener = urllib.request.build_opener(_NoRedirects)
+        self._queue: queue.Queue = queue.Queue(max_queue)
+        self._cond = threading.Condition()
+        self._outstanding = 0  # emitted, not yet delivered or dropped
+        self._closed = False
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        # Progress throttling, touched by the sender thread only: (url, job_id) -> ...
+        self._last_progress: dict[tuple[str, str | None], float] = {}
+        self._held: dict[tuple[str, str | None], _Event] = {}
+
+    def emit(self, url: str, event_type: str, data: dict,
+             events_filter: list[str] | None = None) -> None:
+        """Queue one event for ``url`` and return at once.
+
+        ``event_type``: ``"started"``/``"job.started"`` etc. ``data`` should carry
+        ``job_id`` (progress is throttled per job). ``events_filter``: names such as
+        ``["started", "succeeded"]``; other events are not sent (None sends all).
+        """
+        event_type = event_type_name(event_type)
+        if events_filter is not None and event_type not in {event_type_name(e) for e in events_filter}:
+            return
+        payload = {"type": event_type,
+                   "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                   "data": data}
+        job_id = data.get("job_id")
+        event = _Event(url=url, type=event_type, job_id=None if job_id is None else str(job_id),
+                       msg_id=f"msg_{uuid.uuid4().hex}",
+                       body=json.dumps(payload, separators=(",", ":"), default=str).encode())
+        with self._cond:
+            if self._closed:
+                log.warning("webhook %s for %s dropped: sender closed", event_type, _for_log(url))
+                return
+            self._outstanding += 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="maskfleet-webhooks",
+                                                daemon=True)
+                self._thread.start()
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            log.warning("webhook %s for %s dropped: queue full", event_type, _for_log(url))
+            self._done()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every emitted event was delivered or dropped; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._outstanding == 0, timeout)
+
+    def close(self, timeout: float | None = 5.0) -> bool:
+        """Flush (up to ``timeout``), then stop the thread; later emits are dropped."""
+        flushed = self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            thread = self._thread
+        self._stopping.set()
+        if thread is not None and thread.is_alive():
+            self._queue.put(_STOP)
+            thread.join(self.timeout + 1.0)
+        return flushed
+
+    # --- the sender thread ---
+
+    def _run(self) -> None:
+        while True:
+            wait = self._until_next_held()
+            try:
+                event = self._queue.get(timeout=wait)
+            except queue.Empty:
+                event = None
+            if event is _STOP:
+                for held in self._held.values():
+                    self._drop(held, 0, "sender closed")
+                return
+            if event is not None:
+                self._handle(event)
+            self._send_due_progress()
+
+    def _handle(self, event: _Event) -> None:
+        key = (event.url, event.job_id)
+        if event.type == "job.progress":
+            last = self._last_progress.get(key)
+            if last is None or time.monotonic() - last >= self.progress_interval:
+                self._last_progress[key] = time.monotonic()
+                self._deliver(event)
+            else:
+                replaced = self._held.pop(key, None)
+                if replaced is not None:
+                    self._done()  # superseded by a later progress event
+                self._held[key] = event
+            return
+        held = self._held.pop(key, None)
+        if held is not None:
+            self._deliver(held)
+        self._deliver(event)
+        if event.type in FINAL_EVENT_TYPES:
+            self._last_progress.pop(key, None)
+
+    def _until_next_held(self) -> float | None:
+        if not self._held:
+            return None
+        due = min(self._last_progress[key] + self.progress_interval for key in self._held)
+        return max(0.0, due - time.monotonic())
+
+    def _send_due_progress(self) -> None:
+        now = time.monotonic()
+        for key in [k for k in self._held if now - self._last_progress[k] >= self.progress_interval]:
+            self._last_progress[key] = time.monotonic()
+            self._deliver(self._held.pop(key))
+
+    def _deliver(self, event: _Event) -> None:
+        deadline = time.monotonic() + self.deadline
+        attempt, error = 0, "sender closed"
+        while attempt < self.max_attempts and not self._stopping.is_set():
+            attempt += 1
+            error, retryable, retry_after = self._attempt(event)
+            if error is None:
+                self._done()
+                return
+            delay = min(retry_after if retry_after is not None
+                        else self.backoff * 2 ** (attempt - 1), self.max_backoff)
+            if not retryable or attempt == self.max_attempts or time.monotonic() + delay > deadline:
+                break
+            log.info("webhook %s (%s) to %s failed (%s), retry %d in %.2f s", event.type,
+                     event.msg_id, _for_log(event.url), error, attempt, delay)
+            self._stopping.wait(delay)
+        self._drop(event, attempt, error)
+
+    def _attempt(self, event: _Event) -> tuple[str | None, bool, float | None]:
+        """One POST: (error or None, retryable, Retry-After seconds or None)."""
+        timestamp = int(time.time())
+        headers = {"Content-Type": "application/json",
+                   "User-Agent": "maskfleet-webhooks",
+                   "webhook-id": event.msg_id,
+                   "webhook-timestamp": str(timestamp),
+                   "webhook-signature": sign(self._key, event.msg_id, timestamp, event.body)}
+        request = urllib.request.Request(event.url, data=event.body, headers=headers,
+                                         method="POST")
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                response.read()
+            return None, False, None
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            retryable = exc.code == 429 or exc.code >= 500
+            return f"HTTP {exc.code}", retryable, _retry_after(exc.headers.get("Retry-After"))
+        except (OSError, http.client.HTTPException) as exc:  # refused, timeout, reset, DNS
+            return f"{type(exc).__name__}: {exc}", True, None
+        except ValueError as exc:  # a URL urllib cannot use
+            return str(exc), False, None
+
+    def _drop(self, event: _Event, attempts: int, error: str) -> None:
+        log.warning("webhook %s (%s) to %s dropped after %d attempt(s): %s", event.type,
+                    event.msg_id, _for_log(event.url), attempts, error)
+        self._done()
+
+    def _done(self) -> None:
+        with self._cond:
+            self._outstanding -= 1
+            self._cond.notify_all()
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # the HTTP-date form: use our own backoff
+
+
+def _for_log(url: str) -> str:
+    """The URL without query or credentials (either may hold a token)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
