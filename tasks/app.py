@@ -1,0 +1,68 @@
+"""The one Celery app of the fleet, configured from tasks/settings.py.
+
+Producers import it to send jobs (maskfleet/client.py), workers run it
+(`celery -A maskfleet.tasks.app worker`), Flower watches it
+(`celery -A maskfleet.tasks.app flower`). Each reliability setting is here once, with why.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from .settings import DEFAULT_QUEUE, TASK_NAME, Settings, load_settings, model_queue
+
+
+def route_job(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict | None:
+    """Send a job to the queue of its base sampler's model; anything malformed goes to the default queue.
+
+    A `queue=` given to send_task/apply_async wins over this route (Celery merges the
+    caller's options last), so a producer may still pick a queue itself.
+    """
+    if name != TASK_NAME:
+        return None
+    try:
+        model = args[0]["base_sampler"]["model"]
+    except (IndexError, KeyError, TypeError):
+        return {"queue": DEFAULT_QUEUE}
+    return {"queue": model_queue(model)} if isinstance(model, str) and model else {"queue": DEFAULT_QUEUE}
+
+
+def configure(app: Celery, settings: Settings) -> None:
+    transport = {"visibility_timeout": settings.visibility_timeout}
+    app.conf.update(
+        broker_url=settings.broker_url,
+        result_backend=settings.result_backend,
+        # JSON only: a worker never unpickles what a producer sent.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # Ack after the job ends, so a job whose worker died is delivered again...
+        task_acks_late=True,
+        # ...also when the child process is killed (OOM, segfault) rather than the worker.
+        task_reject_on_worker_lost=True,
+        # A worker holds one job at a time: jobs wait in Redis for a free GPU, not in a busy worker.
+        worker_prefetch_multiplier=1,
+        # Redis redelivers an unacked job after the visibility timeout: longer than any job.
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        # On broker connection loss the running job is cancelled (it will be redelivered)
+        # rather than finished and then run a second time.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # STARTED, PROGRESS and events for AsyncResult and Flower.
+        task_track_started=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        result_extended=True,
+        result_expires=settings.result_expires,
+        task_time_limit=settings.max_job_seconds,
+        task_soft_time_limit=settings.soft_time_limit,
+        task_default_queue=DEFAULT_QUEUE,
+        task_routes=(route_job,),
+        broker_connection_retry_on_startup=True,
+    )
+
+
+app = Celery("maskfleet", include=["maskfleet.tasks.sample_task"])
+configure(app, load_settings())

@@ -1,0 +1,37 @@
+"""Cancelling jobs: a Redis flag per task id, read by the worker between sampler calls.
+
+`maskfleet cancel` (client.JobHandle.cancel) sets `maskfleet:cancel:<task_id>` and also
+revokes the task id through Celery, so a queued job is dropped by the worker that
+receives it. A running job sees the flag at its next sampler call (the loop raises
+SamplingStopped before writing anything) and ends as REVOKED: the task stores
+TaskRevokedError("cancelled") through the result backend and raises Ignore, so Celery
+leaves that state alone and acks the message. No output is written.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NoReturn
+
+from celery.exceptions import Ignore
+
+from .redis_keys import cancel_key, connection, ttl
+
+CANCELLED = "cancelled"
+
+
+def request_cancel(task_id: str, url: str | None = None) -> None:
+    connection(url).set(cancel_key(task_id), "1", ex=ttl())
+
+
+def cancel_requested(task_id: str) -> bool:
+    return bool(connection().exists(cancel_key(task_id)))
+
+
+def stop_hook(task_id: str) -> Callable[[], bool]:
+    """The loop's `should_stop`: one Redis EXISTS per sampler call."""
+    return lambda: cancel_requested(task_id)
+
+
+def end_cancelled(task: Any) -> NoReturn:
+    """Store REVOKED for the running task and tell Celery not to record anything else."""
+    task.backend.mark_as_revoked(task.request.id, CANCELLED, request=task.request)
+    raise Ignore()

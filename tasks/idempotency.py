@@ -1,0 +1,60 @@
+"""A job id is an idempotency key: submitted twice, run once; redelivered after it finished, not redone.
+
+- Producer side, `claim_submission` does SET NX on `maskfleet:submitted:<job_id>`: only
+  the first submission of a job id sends a message (and the Celery task id is the job id).
+- Worker side, a job that succeeded leaves `maskfleet:done:<job_id>` (its result and the
+  digest of the job document), written from Celery's task_success signal. A redelivered
+  message (worker lost after the output was written, before the ack) finds it and returns
+  the stored result without sampling again. The same id with a different job is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from celery.signals import task_success
+
+from ..job import Job, JobError, parse_job
+from .errors import InvalidJob
+from .redis_keys import connection, done_key, submitted_key, ttl
+from .settings import TASK_NAME
+
+
+def job_digest(job: Job) -> str:
+    return hashlib.sha256(job.model_dump_json().encode()).hexdigest()
+
+
+def claim_submission(job_id: str, url: str | None = None) -> bool:
+    """True for the first submission of `job_id` (within the key's lifetime)."""
+    return bool(connection(url).set(submitted_key(job_id), "1", nx=True, ex=ttl()))
+
+
+def finished_result(job: Job) -> dict | None:
+    """The stored result of this job id if it already succeeded, else None."""
+    if not job.job_id:
+        return None
+    raw = connection().get(done_key(job.job_id))
+    if raw is None:
+        return None
+    record = json.loads(raw)
+    if record["digest"] != job_digest(job):
+        raise InvalidJob(f"job_id: {job.job_id!r} already finished for a different job document")
+    return record["result"]
+
+
+def record_finished(job: Job, result: dict) -> None:
+    if job.job_id:
+        record = {"digest": job_digest(job), "result": result}
+        connection().set(done_key(job.job_id), json.dumps(record), ex=ttl())
+
+
+@task_success.connect
+def _on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
+    if getattr(sender, "name", None) != TASK_NAME or not isinstance(result, dict):
+        return
+    try:
+        job = parse_job(sender.request.args[0])
+    except (JobError, IndexError, TypeError):
+        return
+    record_finished(job, result)

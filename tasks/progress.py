@@ -1,0 +1,39 @@
+"""PROGRESS updates from the sampling loop, throttled so status never slows the GPU.
+
+The loop calls its progress hook after every sampler call (thousands per job on fast
+GPUs); each update is a Redis write, so at most a few per second go out, plus always
+the first and the last.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+Publish = Callable[[int, int, str], None]
+
+
+class Throttle:
+    """Pass (done, total, which) on to `publish` at most once per `min_interval` seconds, and always the last."""
+
+    def __init__(self, publish: Publish, min_interval: float = 0.25, clock: Callable[[], float] = time.monotonic):
+        self.publish = publish
+        self.min_interval = min_interval
+        self.clock = clock
+        self.last: float | None = None
+        self.sent = 0
+
+    def __call__(self, done: int, total: int, which: str) -> None:
+        now = self.clock()
+        if done >= total or self.last is None or now - self.last >= self.min_interval:
+            self.last = now
+            self.sent += 1
+            self.publish(done, total, which)
+
+
+def progress_meta(done: int, total: int, which: str) -> dict[str, Any]:
+    return {"step": done, "total": total, "sampler": which, "phase": "sampling"}
+
+
+def task_progress(task: Any, min_interval: float = 0.25) -> Throttle:
+    """A throttled hook that sets the Celery task's state to PROGRESS with step/total/sampler/phase."""
+    return Throttle(lambda d, t, w: task.update_state(state="PROGRESS", meta=progress_meta(d, t, w)), min_interval)

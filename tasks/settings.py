@@ -1,0 +1,61 @@
+"""Every fleet setting, read from the environment in one place.
+
+Producers, workers and the launcher all build their Celery configuration from
+`load_settings()`, so a deployment changes behaviour through environment variables only,
+and the reliability settings that must agree (time limits and the visibility timeout)
+are derived from one number, MASKFLEET_MAX_JOB_SECONDS.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+QUEUE_PREFIX = "maskfleet"
+DEFAULT_QUEUE = QUEUE_PREFIX  # jobs sent by name without routing, and workers that serve every model
+TASK_NAME = "maskfleet.sample"
+KEY_PREFIX = "maskfleet"  # Redis keys of our own: maskfleet:done:*, maskfleet:cancel:*, maskfleet:submitted:*
+
+
+def model_queue(model: str) -> str:
+    """The queue of jobs whose base sampler uses `model`."""
+    return f"{QUEUE_PREFIX}.model.{model}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str
+    result_backend: str
+    max_job_seconds: int  # hard time limit: the child running the job is killed past it
+    soft_time_limit: int  # SoftTimeLimitExceeded is raised inside the job first
+    visibility_timeout: int  # an unacked job is redelivered after this; must exceed any job
+    result_expires: int  # how long results, done records and submission keys are kept
+
+    @property
+    def key_ttl(self) -> int:
+        return self.result_expires
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name}: must be positive, got {value}")
+    return value
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    broker = env.get("MASKFLEET_BROKER_URL") or DEFAULT_BROKER_URL
+    backend = env.get("MASKFLEET_RESULT_BACKEND") or broker
+    hard = _int(env, "MASKFLEET_MAX_JOB_SECONDS", 3600)
+    soft = max(1, hard - max(5, min(60, hard // 20)))  # 60 s of headroom for long limits, 5 % for short
+    visibility = hard * 2 + 300
+    expires = _int(env, "MASKFLEET_RESULT_EXPIRES", 86400)
+    return Settings(broker, backend, hard, soft, visibility, expires)
