@@ -1,4 +1,5 @@
-"""The `maskfleet` command: run a job on local files, print the job schema.
+"""The `maskfleet` command: run a job on local files, print the job schema, and use the fleet
+(submit, status, cancel a job; start workers).
 
 Exit status: 0 on success, 2 when the job or its inputs are invalid (the message names
 the field and the reason, and nothing is written), 1 on any other failure.
@@ -58,6 +59,58 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .client import JobFailed, submit
+
+    try:
+        try:
+            text = Path(args.job).read_bytes()
+        except OSError as e:
+            raise JobError(f"job: cannot read {args.job}: {e.strerror}") from None
+        handle = submit(parse_job(text), queue=args.queue)
+    except JobError as e:
+        print(f"maskfleet: invalid job: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    if not handle.submitted:
+        print(f"[maskfleet] job id {handle.task_id} was submitted before; not sent again", file=sys.stderr)
+    if not args.wait:
+        print(json.dumps({"id": handle.task_id, "submitted": handle.submitted}))
+        return 0
+    try:
+        print(json.dumps(handle.wait(args.timeout)))
+    except JobFailed as e:
+        print(f"maskfleet: {e}", file=sys.stderr)
+        meta = handle.status()["meta"]
+        return EXIT_INVALID if isinstance(meta, dict) and meta.get("error") == "InvalidJob" else 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .client import handle
+
+    print(json.dumps(handle(args.id).status(), default=str))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .client import handle
+
+    h = handle(args.id)
+    h.cancel()
+    print(json.dumps(h.status(), default=str))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .worker.launcher import run_workers, worker_queues, worker_specs
+
+    served = [m.strip() for m in args.models_served.split(",") if m.strip()] if args.models_served else None
+    specs = worker_specs(args.device, worker_queues(served), args.concurrency, args.loglevel)
+    for spec in specs:
+        print(f"[maskfleet] starting {spec.name} on queues {spec.argv[spec.argv.index('-Q') + 1]}", file=sys.stderr)
+    return run_workers(specs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskfleet", description="Two-sampler masked diffusion sampling.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model weights dtype")
     demo.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     demo.set_defaults(func=cmd_demo)
+
+    submit = sub.add_parser("submit", help="send a job to the fleet (broker: $MASKFLEET_BROKER_URL)")
+    submit.add_argument("job", help="path of the job JSON file")
+    submit.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    submit.add_argument("--timeout", type=float, default=None, help="seconds to wait with --wait (default: no limit)")
+    submit.add_argument("--queue", default=None, help="queue to send to (default: the base sampler's model queue)")
+    submit.set_defaults(func=cmd_submit)
+
+    status = sub.add_parser("status", help="print a job's state and progress/result as JSON")
+    status.add_argument("id", help="task id (the job_id when the job has one)")
+    status.set_defaults(func=cmd_status)
+
+    cancel = sub.add_parser("cancel", help="cancel a queued or running job (no output is written)")
+    cancel.add_argument("id", help="task id (the job_id when the job has one)")
+    cancel.set_defaults(func=cmd_cancel)
+
+    worker = sub.add_parser("worker", help="start one Celery worker per visible GPU, or one on the CPU")
+    worker.add_argument("--models-served", default=None, help="comma-separated model names: consume only their queues")
+    worker.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPUs if any)")
+    worker.add_argument("--concurrency", type=int, default=1, help="pool processes per worker (default: 1)")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=cmd_worker)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of a job")
     schema.set_defaults(func=cmd_schema)

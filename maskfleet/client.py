@@ -1,0 +1,106 @@
+"""The producer's client: submit a job to the fleet, follow it, wait for it, cancel it.
+
+Needs only the broker URL (MASKFLEET_BROKER_URL, or `broker_url=`); no model, GPU or
+storage access. Jobs are checked locally first (the same pydantic model the worker
+uses), then sent by name, so this module never imports the task's code.
+"""
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+from celery.result import AsyncResult
+
+from .job import Job, parse_job
+from .tasks.app import app as default_app, configure
+from .tasks.cancellation import request_cancel
+from .tasks.idempotency import claim_submission
+from .tasks.settings import TASK_NAME, load_settings
+
+FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
+
+
+class JobFailed(RuntimeError):
+    """The job ended in FAILURE or REVOKED, or did not end in time; `state` says which."""
+
+    def __init__(self, task_id: str, state: str, message: str) -> None:
+        super().__init__(f"job {task_id} {state}: {message}")
+        self.task_id = task_id
+        self.state = state
+        self.message = message
+
+
+@lru_cache(maxsize=8)
+def _app(broker_url: str | None) -> Celery:
+    if broker_url is None:
+        return default_app
+    settings = load_settings({"MASKFLEET_BROKER_URL": broker_url})
+    app = Celery("maskfleet-client")
+    configure(app, settings)
+    return app
+
+
+@dataclass
+class JobHandle:
+    task_id: str
+    app: Celery = field(default=default_app, repr=False)
+    submitted: bool = True  # False when this job id had been submitted before: nothing was sent
+
+    @property
+    def result(self) -> AsyncResult:
+        return AsyncResult(self.task_id, app=self.app)
+
+    def status(self) -> dict[str, Any]:
+        """{"id", "state", "meta"}: meta is PROGRESS's step/total/sampler/phase, the result, or the error."""
+        r = self.result
+        state = r.state
+        info = r.info
+        if isinstance(info, BaseException):
+            meta: Any = {"error": type(info).__name__, "message": str(info)}
+        else:
+            meta = info
+        return {"id": self.task_id, "state": state, "meta": meta}
+
+    def wait(self, timeout: float | None = None, poll: float = 0.2) -> dict:
+        """The result dict; JobFailed on FAILURE, REVOKED or timeout (the job keeps running then)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if status["state"] == "SUCCESS":
+                return status["meta"]
+            if status["state"] in FINAL_STATES:
+                meta = status["meta"]
+                message = meta.get("message", str(meta)) if isinstance(meta, dict) else str(meta)
+                raise JobFailed(self.task_id, status["state"], message)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobFailed(self.task_id, "TIMEOUT", f"not finished after {timeout} s (state {status['state']})")
+            time.sleep(poll)
+
+    def cancel(self) -> None:
+        """Stop the job: dropped if still queued, stopped at the next sampler call if running; no output."""
+        request_cancel(self.task_id, self.app.conf.result_backend)
+        self.app.control.revoke(self.task_id)  # no terminate: the worker stops it cleanly through the flag
+        if self.result.state == "PENDING":  # queued (or unknown): say so now, a worker may be hours away
+            self.app.backend.mark_as_revoked(self.task_id, "cancelled")
+
+
+def submit(job: dict | Job, *, broker_url: str | None = None, queue: str | None = None) -> JobHandle:
+    """Validate `job` locally and send it; a job_id already submitted is not sent again.
+
+    The task id is the job_id when there is one. `queue` overrides the route by model.
+    """
+    parsed = job if isinstance(job, Job) else parse_job(job)
+    app = _app(broker_url)
+    if parsed.job_id and not claim_submission(parsed.job_id, app.conf.result_backend):
+        return JobHandle(parsed.job_id, app, submitted=False)
+    options = {"queue": queue} if queue else {}
+    sent = app.send_task(TASK_NAME, args=[parsed.model_dump(mode="json")], task_id=parsed.job_id, **options)
+    return JobHandle(sent.id, app)
+
+
+def handle(task_id: str, *, broker_url: str | None = None) -> JobHandle:
+    """A handle on a job submitted earlier (by its task id, the job_id when one was given)."""
+    return JobHandle(task_id, _app(broker_url))

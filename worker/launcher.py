@@ -1,0 +1,99 @@
+"""`maskfleet worker`: one Celery worker process per visible GPU, or one on the CPU.
+
+Each child is `celery -A maskfleet.tasks.app worker -P prefork -c 1`, pinned to its GPU
+with CUDA_VISIBLE_DEVICES and named maskfleet@<host>-gpuN (or -cpu). Prefork with one
+child keeps time limits and termination working, and the model is loaded in that child
+after the fork. GPUs are counted with nvidia-smi (or CUDA_VISIBLE_DEVICES), never by
+initialising CUDA in this process.
+
+Queues: with --models-served a,b the worker takes only maskfleet.model.a and
+maskfleet.model.b. Without it, it takes the default queue `maskfleet` (jobs sent by name
+without a route) plus maskfleet.model.<name> for every model in its model store at start.
+
+Signals: the first SIGTERM/SIGINT is passed on to every child (Celery's warm shutdown:
+the running job finishes, then the worker exits); a second one sends SIGQUIT (cold
+shutdown: stop now; the unacked job is redelivered). The launcher exits when they all have.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from ..tasks.settings import DEFAULT_QUEUE, model_queue
+
+
+def visible_gpus() -> list[str]:
+    """GPU indices to run on: CUDA_VISIBLE_DEVICES if set, else nvidia-smi's list, else none."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def worker_queues(models_served: list[str] | None) -> list[str]:
+    if models_served:
+        return [model_queue(m) for m in models_served]
+    from ..storage.model_store import ModelStore, available_models, models_root_from
+
+    try:
+        store = ModelStore(models_root_from(None))
+        names = store._available() if store.is_s3 else available_models(store.local_root)
+    except Exception:  # no store configured: the default queue only
+        names = []
+    return [DEFAULT_QUEUE] + [model_queue(n) for n in names]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    name: str
+    env: dict[str, str]
+    argv: list[str]
+
+
+def worker_specs(device: str, queues: list[str], concurrency: int = 1, loglevel: str = "INFO") -> list[WorkerSpec]:
+    host = socket.gethostname()
+    gpus = visible_gpus() if device in ("auto", "cuda") else []
+    if device == "cuda" and not gpus:
+        raise SystemExit("maskfleet worker: --device cuda but no GPU is visible")
+    slots = [(f"gpu{g}", {"CUDA_VISIBLE_DEVICES": g, "MASKFLEET_DEVICE": "cuda"}) for g in gpus] or [
+        ("cpu", {"CUDA_VISIBLE_DEVICES": "", "MASKFLEET_DEVICE": "cpu"})
+    ]
+    specs = []
+    for suffix, extra in slots:
+        name = f"maskfleet@{host}-{suffix}"
+        argv = [sys.executable, "-m", "celery", "-A", "maskfleet.tasks.app", "worker", "-P", "prefork",
+                "-c", str(concurrency), "-n", name, "-Q", ",".join(queues), "--loglevel", loglevel]
+        specs.append(WorkerSpec(name, {**os.environ, **extra}, argv))
+    return specs
+
+
+def run_workers(specs: list[WorkerSpec]) -> int:
+    """Start every worker, forward SIGTERM/SIGINT (warm, then cold), return when all have exited."""
+    # Own process groups: a Ctrl-C at the terminal reaches the children once, through us.
+    children = [subprocess.Popen(s.argv, env=s.env, start_new_session=True) for s in specs]
+    signals_seen = 0
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        sig = signal.SIGTERM if signals_seen == 1 else signal.SIGQUIT
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)
