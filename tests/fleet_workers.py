@@ -1,0 +1,59 @@
+"""Real Celery workers for the fleet tests: subprocesses on the machine's Redis, one DB per session."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+from celery import Celery
+
+REDIS_URL = os.environ.get("MASKFLEET_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def pick_db_url() -> str:
+    return f"{REDIS_URL}/{random.randint(9, 15)}"
+
+
+def flush(url: str) -> None:
+    redis.Redis.from_url(url).flushdb()
+
+
+class Worker:
+    """`python -m celery -A maskfleet.tasks.app worker -P prefork -c 1` on the given queues."""
+
+    def __init__(self, name: str, queues: list[str], url: str, models: Path, log: Path, extra_env: dict | None = None):
+        self.name = f"{name}@test"
+        env = {**os.environ, "MASKFLEET_BROKER_URL": url, "MASKFLEET_RESULT_BACKEND": url,
+               "MASKFLEET_MODELS": str(models), "MASKFLEET_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": "",
+               **(extra_env or {})}
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "maskfleet.tasks.app", "worker", "-P", "prefork", "-c", "1",
+             "-n", self.name, "-Q", ",".join(queues), "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
+            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def wait_ready(self, app: Celery, deadline_s: float = 90.0) -> None:
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            if app.control.ping(destination=[self.name], timeout=0.5):
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"worker not ready:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
