@@ -1,0 +1,58 @@
+"""Fleet pieces without a broker: settings, routing, the progress throttle, the launcher's plan."""
+from __future__ import annotations
+
+from maskfleet.tasks.app import app, route_job
+from maskfleet.tasks.progress import Throttle
+from maskfleet.tasks.settings import DEFAULT_QUEUE, load_settings, model_queue
+from maskfleet.worker import launcher
+
+
+def test_settings_defaults_and_derived_limits():
+    s = load_settings({})
+    assert s.broker_url == s.result_backend == "redis://127.0.0.1:6379/0"
+    assert s.max_job_seconds == 3600 and 3000 < s.soft_time_limit < 3600
+    assert s.visibility_timeout > 2 * s.max_job_seconds
+    t = load_settings({"MASKFLEET_BROKER_URL": "rediss://:pw@h:6380/1?ssl_cert_reqs=required", "MASKFLEET_MAX_JOB_SECONDS": "10"})
+    assert t.result_backend == t.broker_url and 0 < t.soft_time_limit < 10 <= t.visibility_timeout // 2
+
+
+def test_app_is_json_only_with_late_acks_and_transport_timeouts():
+    c = app.conf
+    assert c.accept_content == ["json"] and c.task_serializer == c.result_serializer == "json"
+    assert c.task_acks_late and c.task_reject_on_worker_lost and c.worker_prefetch_multiplier == 1
+    vt = load_settings().visibility_timeout
+    assert c.broker_transport_options["visibility_timeout"] == vt == c.result_backend_transport_options["visibility_timeout"]
+
+
+def test_route_by_base_sampler_model():
+    assert route_job("maskfleet.sample", [{"base_sampler": {"model": "sdxl"}}], {}, {}) == {"queue": model_queue("sdxl")}
+    assert route_job("maskfleet.sample", [{}], {}, {}) == {"queue": DEFAULT_QUEUE}
+    assert route_job("other.task", [], {}, {}) is None
+
+
+def test_throttle_passes_first_last_and_a_few_per_interval():
+    now = [0.0]
+    sent = []
+    hook = Throttle(lambda d, t, w: sent.append(d), min_interval=0.25, clock=lambda: now[0])
+    for done in range(1, 101):
+        now[0] = done * 0.01  # 100 calls over one second
+        hook(done, 100, "base")
+    assert sent[0] == 1 and sent[-1] == 100 and len(sent) <= 6
+
+
+def test_launcher_plans_one_cpu_worker_or_one_per_gpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    [cpu] = launcher.worker_specs("auto", ["q"])
+    assert cpu.name.endswith("-cpu") and cpu.env["MASKFLEET_DEVICE"] == "cpu"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    gpus = launcher.worker_specs("auto", [model_queue("a")])
+    assert [s.name.rsplit("-", 1)[1] for s in gpus] == ["gpu0", "gpu1"]
+    assert gpus[1].env["CUDA_VISIBLE_DEVICES"] == "1" and gpus[1].env["MASKFLEET_DEVICE"] == "cuda"
+    assert gpus[0].argv[gpus[0].argv.index("-Q") + 1] == "maskfleet.model.a"
+    assert launcher.worker_queues(["a", "b"]) == ["maskfleet.model.a", "maskfleet.model.b"]
+
+
+def test_launcher_default_queues_cover_the_local_store(tmp_path, monkeypatch):
+    (tmp_path / "m1").mkdir()
+    monkeypatch.setenv("MASKFLEET_MODELS", str(tmp_path))
+    assert launcher.worker_queues(None) == [DEFAULT_QUEUE, model_queue("m1")]
