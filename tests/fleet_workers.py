@@ -19,6 +19,24 @@ def pick_db_url() -> str:
     return f"{REDIS_URL}/{random.randint(9, 15)}"
 
 
+CLAIM_KEY = "maskfleet-test:claimed"
+
+
+def claim_db_url(first: int = 1, last: int = 15) -> str:
+    """An empty DB of the machine's Redis, claimed with a marker key so a concurrent run picks another.
+
+    `flush(url)` at the end frees it (the marker goes with everything else).
+    """
+    for db in random.sample(range(first, last + 1), last - first + 1):
+        url = f"{REDIS_URL}/{db}"
+        conn = redis.Redis.from_url(url)
+        if conn.dbsize() == 0 and conn.set(CLAIM_KEY, str(os.getpid()), nx=True, ex=3600):
+            if conn.dbsize() == 1:  # nobody else was writing there meanwhile
+                return url
+            conn.delete(CLAIM_KEY)
+    raise RuntimeError(f"no empty Redis DB in {first}..{last} at {REDIS_URL}")
+
+
 def flush(url: str) -> None:
     redis.Redis.from_url(url).flushdb()
 
