@@ -9,7 +9,9 @@ finds models by name in an S3 model store, so two questions matter:
    with its sha256). Sampling is sample_two_samplers with the tiny golden UNet (euler,
    --steps steps, base cfg 7, mask cfg 4, overlap 10) on the same inputs. io / sampling
    is the share storage adds; the real models are far slower than the tiny one, so with
-   them the share only shrinks.
+   them the share only shrinks. At S=128 even the tiny UNet attends over 128*128 tokens,
+   so one sampling run takes minutes on a CPU: it is timed --sampling-repeats times
+   (default 1, after a 1-step warm-up), against milliseconds of timer noise.
 2. What does the model LRU save? cold = a fresh cache dir: ModelStore(...).local_dir
    (list, download, verify, rename into place) + load_unet_denoiser; warm-disk = a new
    ModelStore on the filled cache (a new worker process on the same host) + load; hit =
@@ -18,10 +20,10 @@ finds models by name in an S3 model store, so two questions matter:
 The store is moto's standalone server on loopback (tests/s3_server.py, as in the tests),
 reached only through boto3 with AWS_ENDPOINT_URL, so the figures include real HTTP
 round trips but no network latency: a remote store adds its round trips on top. Inputs:
-a 1x4xSxS .latent, an 8S x 8S PNG mask, four [1, 77, 32] conditioning files. Each figure
-is the median of --repeats runs after one warm-up, on the CPU.
+a 1x4xSxS .latent, an 8S x 8S PNG mask, four [1, 77, 32] conditioning files. The other
+figures are the median of --repeats runs after one warm-up, on the CPU.
 
-    python bench/storage_io.py [--size 128] [--steps 20] [--repeats 5]
+    python bench/storage_io.py [--size 128] [--steps 20] [--repeats 5] [--sampling-repeats 1]
 """
 from __future__ import annotations
 
@@ -39,20 +41,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from safetensors.torch import save
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from s3_server import S3Server  # noqa: E402  (the tests' moto server, not a copy)
-
-from maskfleet.model_cache import LoadedModels  # noqa: E402
-from maskfleet.sampling import AdvancedSampler, sample_two_samplers  # noqa: E402
-from maskfleet.sampling.unet_denoiser import load_unet_denoiser  # noqa: E402
-from maskfleet.storage import (  # noqa: E402
+from maskfleet.model_cache import LoadedModels
+from maskfleet.sampling import AdvancedSampler, sample_two_samplers
+from maskfleet.sampling.unet_denoiser import load_unet_denoiser
+from maskfleet.storage import (
     encode_latent, read_conditioning, read_latent, read_mask, read_object, reset_s3_client,
     write_object)
-from maskfleet.storage.model_store import ModelStore  # noqa: E402
+from maskfleet.storage.model_store import ModelStore
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from s3_server import S3Server  # the tests' moto server, not a copy
 
 TINY_UNET = REPO / "tests" / "data" / "golden" / "tiny_unet"
 MODEL = "tiny"
@@ -64,9 +67,10 @@ FOREIGN_AWS_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN",
 
 def cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"
@@ -117,7 +121,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="latent height = width")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sampling-repeats", type=int, default=1, help="sampling runs timed (minutes each on a CPU)")
     args = parser.parse_args()
+    diffusers_logging.set_verbosity_error()  # no "install accelerate" notice on every load
 
     print(f"machine: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory(prefix="maskfleet-bench-") as tmp:
@@ -149,8 +155,8 @@ def run(args, bucket: str, work: Path) -> None:
     latent, mask = read_latent(uris["latent"]), read_mask(uris["mask"])
     result = {}
 
-    def sampling():
-        result["out"] = sample_two_samplers(latent, mask, base, masked, seed=0, steps=args.steps, overlap_factor=10)
+    def sampling(steps=args.steps):
+        result["out"] = sample_two_samplers(latent, mask, base, masked, seed=0, steps=steps, overlap_factor=10)
 
     def job_io():
         read_latent(uris["latent"], "latent")
@@ -159,9 +165,10 @@ def run(args, bucket: str, work: Path) -> None:
             read_conditioning(uris[name], name)
         write_object(output, encode_latent(result["out"], ".latent"), "output")
 
-    sampling(), job_io()  # warm-ups
+    sampling(steps=1)  # warm-up
+    sampling_med, sampling_runs = median_of(sampling, args.sampling_repeats)
+    job_io()  # warm-up
     io_med, io_runs = median_of(job_io, args.repeats)
-    sampling_med, sampling_runs = median_of(sampling, args.repeats)
     in_bytes = {key: len(read_object(uri, key)) for key, uri in uris.items()}
     out_bytes = len(read_object(output, "output"))
 
@@ -172,7 +179,7 @@ def run(args, bucket: str, work: Path) -> None:
           f"conditioning {sum(in_bytes[n] for n in COND_NAMES)} (4 files), output {out_bytes}")
     print(f"io        {io_med:.4f} s   (runs: {shown(io_runs)})")
     print(f"sampling  {sampling_med:.4f} s   (runs: {shown(sampling_runs)})")
-    print(f"ratio io/sampling: {io_med / sampling_med:.4f}")
+    print(f"ratio io/sampling: {io_med / sampling_med:.3g}")
 
     # 2. Model cold load (download + load) vs a new process on a filled cache vs an LRU hit.
     def cold():
