@@ -2,7 +2,9 @@
 
 Needs only the broker URL (MASKFLEET_BROKER_URL, or `broker_url=`); no model, GPU or
 storage access. Jobs are checked locally first (the same pydantic model the worker
-uses), then sent by name, so this module never imports the task's code.
+uses, plus `time_limit` against MASKFLEET_MAX_JOB_SECONDS and `callback.url` against
+the callback policy, as the worker checks them again), then sent by name, so this
+module never imports the task's code.
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
-from .job import Job, parse_job
+from .job import Job, JobError, parse_job
 from .tasks.app import app as default_app, configure
+from .tasks.callback_policy import check_callback_url
 from .tasks.cancellation import request_cancel
 from .tasks.idempotency import claim_submission
-from .tasks.settings import TASK_NAME, load_settings
+from .tasks.settings import TASK_NAME, check_time_limit, load_settings, soft_limit
 
 FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
 
@@ -91,12 +94,24 @@ def submit(job: dict | Job, *, broker_url: str | None = None, queue: str | None 
     """Validate `job` locally and send it; a job_id already submitted is not sent again.
 
     The task id is the job_id when there is one. `queue` overrides the route by model.
+    JobError (a ValueError) names the field when the job is bad, its `time_limit` exceeds
+    this environment's MASKFLEET_MAX_JOB_SECONDS, or its `callback.url` is refused by the
+    callback policy (MASKFLEET_CALLBACK_ALLOWLIST here); nothing is sent then.
     """
     parsed = job if isinstance(job, Job) else parse_job(job)
+    options: dict[str, Any] = {"queue": queue} if queue else {}
+    longest = load_settings().max_job_seconds if parsed.time_limit is not None else 0
+    try:
+        if parsed.time_limit is not None:
+            check_time_limit(parsed.time_limit, longest)
+            options.update(time_limit=parsed.time_limit, soft_time_limit=soft_limit(parsed.time_limit))
+        if parsed.callback is not None:
+            check_callback_url(parsed.callback.url)
+    except ValueError as e:
+        raise JobError(str(e)) from None
     app = _app(broker_url)
     if parsed.job_id and not claim_submission(parsed.job_id, app.conf.result_backend):
         return JobHandle(parsed.job_id, app, submitted=False)
-    options = {"queue": queue} if queue else {}
     sent = app.send_task(TASK_NAME, args=[parsed.model_dump(mode="json")], task_id=parsed.job_id, **options)
     return JobHandle(sent.id, app)
 

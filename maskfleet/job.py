@@ -7,8 +7,9 @@ help lists its fields, and validation errors name the offending field.
 from __future__ import annotations
 
 from typing import Annotated, Literal, Union
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from .sampling import MODES, SAMPLERS, SCHEDULERS
 
@@ -52,6 +53,26 @@ class SamplerSpec(BaseModel):
     negative: Conditioning
 
 
+EventName = Literal["started", "progress", "succeeded", "failed", "cancelled"]
+
+
+class Callback(BaseModel):
+    """Where a fleet worker posts this job's status (signed webhooks); `maskfleet run` ignores it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2048, description="http(s) URL that receives the job's events as signed POSTs (Standard Webhooks); internal addresses only if the fleet allowlists them.")
+    events: list[EventName] | None = Field(None, min_length=1, description="Events to send (started, progress, succeeded, failed, cancelled); leave out for all.")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http:// or https:// URL with a host")
+        return url
+
+
 class Job(BaseModel):
     """A two-sampler masked sampling job."""
 
@@ -69,6 +90,8 @@ class Job(BaseModel):
     output: str = Field(min_length=1, description="URI of the output latent: .latent (ComfyUI format) or .safetensors.")
     preview: str | None = Field(None, min_length=1, description="Optional URI of a PNG preview of the output latent.")
     mode: Mode = Field("comfy", description="Sampling mode: 'comfy' reproduces the original node in ComfyUI.")
+    callback: Callback | None = Field(None, description="Fleet only: webhook for the job's status events; `maskfleet run` ignores it.")
+    time_limit: int | None = Field(None, ge=1, le=86400, description="Fleet only: hard time limit in seconds (soft limit a little below), at most the workers' MASKFLEET_MAX_JOB_SECONDS; `maskfleet run` ignores it.")
 
 
 class JobError(ValueError):
@@ -106,7 +129,8 @@ def field_help() -> str:
     lines = []
     for name, info in Job.model_fields.items():
         lines.append(f"  {name}: {info.description}")
-        if name == "base_sampler":
-            for sub, sub_info in SamplerSpec.model_fields.items():
+        sub_model = {"base_sampler": SamplerSpec, "callback": Callback}.get(name)
+        if sub_model is not None:
+            for sub, sub_info in sub_model.model_fields.items():
                 lines.append(f"    {sub}: {sub_info.description}")
     return "\n".join(lines)

@@ -6,8 +6,9 @@ and the models are never touched in the worker's parent process) and kept for th
 life of that process, so models stay loaded between jobs.
 
 Outcomes: SUCCESS with JobRunner's result; FAILURE with InvalidJob("<field>: <reason>")
-for bad input, never retried; retried with backoff when storage is unavailable; REVOKED
-when cancelled (see cancellation.py). Progress, cancellation and idempotency live in
+for bad input (a `time_limit` over this worker's MASKFLEET_MAX_JOB_SECONDS included),
+never retried; retried with backoff when storage is unavailable; REVOKED when cancelled
+(see cancellation.py). Progress, cancellation and idempotency live in
 their own modules; this body only wires their hooks into the run.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .cancellation import cancel_requested, end_cancelled, stop_hook
 from .errors import InvalidJob
 from .idempotency import finished_result
 from .progress import task_progress
-from .settings import TASK_NAME
+from .settings import TASK_NAME, check_time_limit
 
 _runner: tuple[int, JobRunner] | None = None
 
@@ -64,7 +65,9 @@ def runner() -> JobRunner:
 def sample(self: Any, job_data: dict) -> dict:
     try:
         job = parse_job(job_data)
-    except JobError as e:
+        if job.time_limit is not None:  # past the max, Redis would redeliver it while it runs
+            check_time_limit(job.time_limit, app.conf.task_time_limit)
+    except (JobError, ValueError) as e:
         raise InvalidJob(str(e)) from None
     if cancel_requested(self.request.id):
         end_cancelled(self)

@@ -50,12 +50,23 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def soft_limit(hard: int) -> int:
+    """The soft time limit below a hard one: 60 s of headroom for long limits, 5 % (at least 5 s) for short."""
+    return max(1, hard - max(5, min(60, hard // 20)))
+
+
+def check_time_limit(time_limit: int, max_job_seconds: int) -> None:
+    """ValueError naming `time_limit` when a job asks for more than the fleet's longest job."""
+    if time_limit > max_job_seconds:
+        raise ValueError(f"time_limit: {time_limit} s is more than MASKFLEET_MAX_JOB_SECONDS ({max_job_seconds} s)")
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     broker = env.get("MASKFLEET_BROKER_URL") or DEFAULT_BROKER_URL
     backend = env.get("MASKFLEET_RESULT_BACKEND") or broker
     hard = _int(env, "MASKFLEET_MAX_JOB_SECONDS", 3600)
-    soft = max(1, hard - max(5, min(60, hard // 20)))  # 60 s of headroom for long limits, 5 % for short
+    soft = soft_limit(hard)
     visibility = hard * 2 + 300
     expires = _int(env, "MASKFLEET_RESULT_EXPIRES", 86400)
     return Settings(broker, backend, hard, soft, visibility, expires)
