@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from .job import JobError, field_help, job_schema, parse_job
@@ -45,13 +46,55 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Write the demo files, then run the job through the Celery task path, all in this process.
+
+    Broker, result backend and worker are in memory (maskfleet/embedded.py): no Redis, no S3.
+    """
     from .demo import write_demo_files
+    from .embedded import embedded_fleet
+    from .tasks.settings import DEFAULT_QUEUE, model_queue
 
     folder = Path(args.dir)
     job_path = write_demo_files(folder)
-    print(f"[maskfleet] demo files written to {folder}; running {job_path}", file=sys.stderr)
-    args.job, args.models = str(job_path), str(folder / "models")
-    return cmd_run(args)
+    job = parse_job(job_path.read_bytes())
+    print(f"[maskfleet] demo files written to {folder}; sending {job_path} to an in-process Celery worker", file=sys.stderr)
+    queues = [DEFAULT_QUEUE, model_queue(job.base_sampler.model)]
+    with embedded_fleet(str(folder / "models"), queues, device=args.device, dtype=args.dtype) as worker:
+        from .client import FINAL_STATES, JobFailed, submit  # the producer's client, as against a real fleet
+
+        handle = submit(job)
+        seen = None
+        while True:
+            status = handle.status()
+            meta = status["meta"]
+            if status["state"] == "PROGRESS" and isinstance(meta, dict) and not args.quiet:
+                line = f"[maskfleet] step {meta.get('step')}/{meta.get('total')} ({meta.get('sampler')} sampler)"
+                if line != seen:
+                    print(line, file=sys.stderr, flush=True)
+                    seen = line
+            if status["state"] in FINAL_STATES:
+                break
+            if not worker.is_alive():
+                print("maskfleet: the in-process worker stopped before the job ended", file=sys.stderr)
+                return 1
+            time.sleep(0.05)
+        try:
+            result = handle.wait(0)
+        except JobFailed as e:
+            print(f"maskfleet: {e}", file=sys.stderr)
+            return EXIT_INVALID if isinstance(meta, dict) and meta.get("error") == "InvalidJob" else 1
+    print(json.dumps(result))
+    print(f"[maskfleet] output latent: {_local_path(result['output'])}", file=sys.stderr)
+    if result.get("preview"):
+        print(f"[maskfleet] preview PNG:   {_local_path(result['preview'])}", file=sys.stderr)
+    return 0
+
+
+def _local_path(uri: str) -> str:
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    return unquote(parsed.path) if parsed.scheme == "file" else uri
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -129,7 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     run.set_defaults(func=cmd_run)
 
-    demo = sub.add_parser("demo", help="write a tiny model and example inputs, then run a first job on them")
+    demo = sub.add_parser(
+        "demo",
+        help="write a tiny model and example inputs, then run a first job on them through Celery, all in this process",
+        description="Write a tiny model and example inputs into --dir, then run the job through the Celery task "
+        "(maskfleet.sample) with an in-process broker, result backend and worker: no Redis or S3 needed.",
+    )
     demo.add_argument("--dir", default="maskfleet-demo", help="folder for the demo files (default: ./maskfleet-demo)")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model weights dtype")

@@ -1,8 +1,10 @@
 """`maskfleet demo`: a first real job on a fresh machine, with nothing to download.
 
 Writes a tiny UNet with seeded random weights (diffusers format), a latent, a PNG mask,
-four conditioning files and a job JSON into a folder, then runs the job exactly as
-`maskfleet run` would. The files stay there to be edited and run again.
+four conditioning files and a job JSON into a folder; `maskfleet demo` then sends the job
+through the fleet's Celery task with an in-process broker and worker (maskfleet/embedded.py),
+which gives the same output as `maskfleet run` on the same job. The files stay there to be
+edited and run again.
 """
 from __future__ import annotations
 

@@ -1,0 +1,78 @@
+"""`maskfleet demo`: a whole job through the Celery task path with no Redis and no S3 running."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+from safetensors.torch import load_file
+
+from maskfleet.cli import main
+from maskfleet.embedded import MemoryKeys
+
+# Runs `maskfleet demo` like the console script, then says which Python threads are still alive.
+DEMO_THEN_THREADS = (
+    "import json, sys, threading\n"
+    "from maskfleet.cli import main\n"
+    "rc = main(sys.argv[1:])\n"
+    "alive = [(t.name, t.daemon) for t in threading.enumerate() if t is not threading.main_thread()]\n"
+    "print('THREADS ' + json.dumps(alive), file=sys.stderr)\n"
+    "sys.exit(rc)\n"
+)
+
+
+def test_demo_runs_through_celery_in_process_and_matches_maskfleet_run(tmp_path, capsys):
+    folder = tmp_path / "demo"
+    env = dict(os.environ)
+    # Nothing listens on port 1: a demo that reached for these would fail or hang.
+    env["MASKFLEET_BROKER_URL"] = env["MASKFLEET_RESULT_BACKEND"] = "redis://127.0.0.1:1/0"
+    env.pop("MASKFLEET_MODELS", None)
+    started = time.monotonic()
+    demo = subprocess.run(
+        [sys.executable, "-c", DEMO_THEN_THREADS, "demo", "--dir", str(folder), "--device", "cpu"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    seconds = time.monotonic() - started
+    assert demo.returncode == 0, demo.stderr
+    err = demo.stderr
+
+    # Progress from the task's PROGRESS state, read back through the result backend.
+    steps = re.findall(r"^\[maskfleet\] step (\d+)/20 \((base|mask) sampler\)$", err, re.M)
+    assert steps, err
+    assert [int(s) for s, _ in steps] == sorted(int(s) for s, _ in steps)
+    assert "in-process Celery worker" in err
+
+    result = json.loads(demo.stdout)
+    output, preview = folder / "output.latent", folder / "output.png"
+    assert result["output"] == output.resolve().as_uri() and result["preview"] == preview.resolve().as_uri()
+    assert output.is_file() and preview.is_file()
+    assert f"output latent: {output.resolve()}" in err and f"preview PNG:   {preview.resolve()}" in err
+
+    # The worker thread was stopped and joined; nothing left that keeps the process alive.
+    alive = json.loads(err.split("THREADS ", 1)[1].splitlines()[0])
+    assert not [name for name, daemon in alive if not daemon], alive
+    assert "maskfleet-embedded-worker" not in [name for name, _ in alive]
+    assert seconds < 200
+
+    # The same job run by `maskfleet run` in this process gives bitwise the same latent.
+    from_celery = load_file(output)["latent_tensor"]
+    output.unlink()
+    code = main(["run", str(folder / "job.json"), "--models", str(folder / "models"), "--device", "cpu", "--quiet"])
+    local = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert local["sha256"] == result["sha256"]
+    assert from_celery.numpy().tobytes() == load_file(output)["latent_tensor"].numpy().tobytes()
+
+
+def test_memory_keys_behave_like_the_redis_calls_tasks_use():
+    keys = MemoryKeys()
+    assert keys.set("a", "1", nx=True, ex=60) is True
+    assert keys.set("a", "2", nx=True, ex=60) is None  # a second claim of a job id fails
+    assert keys.get("a") == b"1" and keys.exists("a") == 1 and keys.exists("b") == 0
+    assert keys.set("a", json.dumps({"x": 1})) is True and json.loads(keys.get("a")) == {"x": 1}
+    keys.set("short", "1", ex=0)
+    assert keys.get("short") is None and keys.exists("short") == 0
+    assert keys.delete("a", "b") == 1 and keys.get("a") is None
