@@ -2,14 +2,29 @@
 
 The loop calls its progress hook after every sampler call (thousands per job on fast
 GPUs); each update is a Redis write, so at most a few per second go out, plus always
-the first and the last.
+the first and the last. Each update that goes out sets the PROGRESS state and is handed
+to every subscriber (status_events.py subscribes to send progress webhooks), so one
+throttle feeds every status channel and the loop pays for one.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Callable
 
+log = logging.getLogger(__name__)
+
 Publish = Callable[[int, int, str], None]
+Subscriber = Callable[[Any, dict], None]  # (task, progress meta); must return at once
+
+_subscribers: list[Subscriber] = []
+
+
+def subscribe(subscriber: Subscriber) -> Subscriber:
+    """Have `subscriber(task, meta)` called with every PROGRESS update that goes out (usable as a decorator)."""
+    if subscriber not in _subscribers:
+        _subscribers.append(subscriber)
+    return subscriber
 
 
 class Throttle:
@@ -35,5 +50,16 @@ def progress_meta(done: int, total: int, which: str) -> dict[str, Any]:
 
 
 def task_progress(task: Any, min_interval: float = 0.25) -> Throttle:
-    """A throttled hook that sets the Celery task's state to PROGRESS with step/total/sampler/phase."""
-    return Throttle(lambda d, t, w: task.update_state(state="PROGRESS", meta=progress_meta(d, t, w)), min_interval)
+    """A throttled hook that sets the Celery task's state to PROGRESS with step/total/sampler/phase,
+    and passes the same meta to the subscribers (a subscriber's error is logged, never the job's)."""
+
+    def publish(done: int, total: int, which: str) -> None:
+        meta = progress_meta(done, total, which)
+        task.update_state(state="PROGRESS", meta=meta)
+        for subscriber in _subscribers:
+            try:
+                subscriber(task, meta)
+            except Exception:
+                log.exception("progress subscriber %r failed", subscriber)
+
+    return Throttle(publish, min_interval)

@@ -8,8 +8,8 @@ life of that process, so models stay loaded between jobs.
 Outcomes: SUCCESS with JobRunner's result; FAILURE with InvalidJob("<field>: <reason>")
 for bad input (a `time_limit` over this worker's MASKFLEET_MAX_JOB_SECONDS included),
 never retried; retried with backoff when storage is unavailable; REVOKED when cancelled
-(see cancellation.py). Progress, cancellation and idempotency live in
-their own modules; this body only wires their hooks into the run.
+(see cancellation.py). Progress, webhooks (status_events.py), cancellation and
+idempotency live in their own modules; this body only wires their hooks into the run.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from .errors import InvalidJob
 from .idempotency import finished_result
 from .progress import task_progress
 from .settings import TASK_NAME, check_time_limit
+from .status_events import announce_start
 
 _runner: tuple[int, JobRunner] | None = None
 
@@ -69,6 +70,7 @@ def sample(self: Any, job_data: dict) -> dict:
             check_time_limit(job.time_limit, app.conf.task_time_limit)
     except (JobError, ValueError) as e:
         raise InvalidJob(str(e)) from None
+    announce_start(self, job)
     if cancel_requested(self.request.id):
         end_cancelled(self)
     done = finished_result(job)
