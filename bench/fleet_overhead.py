@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -47,20 +46,13 @@ from maskfleet.job import parse_job  # noqa: E402
 from maskfleet.local_run import JobRunner, RunOptions  # noqa: E402
 from maskfleet.storage import reset_s3_client  # noqa: E402
 from maskfleet.tasks.settings import model_queue  # noqa: E402
+from machine import cpu_model  # bench/machine.py (scripts run with bench/ on sys.path)
 
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
 FOREIGN_AWS_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_DEFAULT_PROFILE")
 WAIT_S = 300.0
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def usable_cores() -> int:
@@ -107,7 +99,7 @@ def main() -> None:
     poll = args.poll_ms / 1000
 
     print(f"machine: {cpu_model()}, {usable_cores()} cores usable, torch {torch.__version__}, celery {celery.__version__}")
-    print(f"threads: 1 torch thread per worker (MASKFLEET_TORCH_THREADS=1, -c 1) and in the local run")
+    print("threads: 1 torch thread per worker (MASKFLEET_TORCH_THREADS=1, -c 1) and in the local run")
     print(f"job:     {CASE.name} (euler dual sampler, latent 1x4x32x32, tiny UNet), {args.steps} steps; "
           f"inputs, model store and outputs on moto S3; client polls every {args.poll_ms:g} ms")
 

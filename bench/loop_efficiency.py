@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import time
 
@@ -26,16 +25,9 @@ from diffusers import UNet2DConditionModel
 
 from maskfleet.sampling import AdvancedSampler, NoiseSchedule, sample_two_samplers
 from maskfleet.sampling.unet_denoiser import UNetDenoiser
+from machine import cpu_model  # bench/machine.py (scripts run with bench/ on sys.path)
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build_unet() -> UNet2DConditionModel:

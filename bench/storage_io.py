@@ -32,7 +32,6 @@ import io
 import itertools
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -56,6 +55,7 @@ from maskfleet.storage.model_store import ModelStore
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from s3_server import S3Server  # the tests' moto server, not a copy
+from machine import cpu_model  # bench/machine.py (scripts run with bench/ on sys.path)
 
 TINY_UNET = REPO / "tests" / "data" / "golden" / "tiny_unet"
 MODEL = "tiny"
@@ -65,15 +65,6 @@ FOREIGN_AWS_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN",
                    "AWS_SECURITY_TOKEN", "AWS_DEFAULT_PROFILE")
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed(fn) -> float:

@@ -16,22 +16,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import redis
 from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
 
 from maskfleet.client import _app, submit
 from maskfleet.tasks.settings import TASK_NAME, model_queue
-from fleet_workers import Worker, claim_db_url, flush
+from fleet_workers import Worker, claim_db_url, flush, require_redis
 
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
 JOBS = 12
 STEPS = 3
 DEADLINE_S = 45.0
 
-try:
-    redis.Redis.from_url("redis://127.0.0.1:6379").ping()
-except redis.RedisError:  # pragma: no cover
-    pytest.skip("no Redis at 127.0.0.1:6379", allow_module_level=True)
+require_redis()
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-import redis
 from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
 
-from maskfleet.client import _app, submit
-from fleet_workers import flush, pick_db_url
+from maskfleet.client import submit
+from fleet_workers import claim_db_url, flush, require_redis
 
-try:
-    redis.Redis.from_url("redis://127.0.0.1:6379").ping()
-except redis.RedisError:  # pragma: no cover
-    pytest.skip("no Redis at 127.0.0.1:6379", allow_module_level=True)
+require_redis()
 
 
 def test_sigterm_finishes_the_running_job_then_exits(tmp_path):
-    url = pick_db_url()
+    url = claim_db_url()
     flush(url)
     models = make_models_dir(tmp_path)
     job_path, _, _ = write_case_job(IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0", tmp_path / "job")

@@ -10,27 +10,23 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
 from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
 
 from maskfleet.client import JobFailed, JobHandle, _app, submit
 from maskfleet.job import parse_job
 from maskfleet.local_run import RunOptions, run_job
 from maskfleet.tasks.settings import TASK_NAME, model_queue
-from fleet_workers import Worker, flush, pick_db_url
+from fleet_workers import Worker, claim_db_url, flush, require_redis
 
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
 
-try:
-    redis.Redis.from_url("redis://127.0.0.1:6379").ping()
-except redis.RedisError:  # pragma: no cover
-    pytest.skip("no Redis at 127.0.0.1:6379", allow_module_level=True)
+require_redis()
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     root = tmp_path_factory.mktemp("fleet")
-    url = pick_db_url()
+    url = claim_db_url()
     flush(url)
     models = make_models_dir(root)
     worker = Worker("tiny", [model_queue("tiny")], url, models, root / "worker.log")

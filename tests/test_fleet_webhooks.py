@@ -19,15 +19,12 @@ from test_webhooks import SECRET, Receiver
 from maskfleet.client import JobFailed, _app, submit
 from maskfleet.tasks.redis_keys import submitted_key
 from maskfleet.tasks.settings import model_queue
-from fleet_workers import Worker, claim_db_url, flush
+from fleet_workers import Worker, claim_db_url, flush, require_redis
 
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
 WORKER_MAX_SECONDS = 600
 
-try:
-    redis.Redis.from_url("redis://127.0.0.1:6379").ping()
-except redis.RedisError:  # pragma: no cover
-    pytest.skip("no Redis at 127.0.0.1:6379", allow_module_level=True)
+require_redis()
 
 
 @pytest.fixture(scope="module")
