@@ -24,6 +24,15 @@ def _progress_printer(stream):
     return report
 
 
+def _read_job(path: str):
+    """The job file at `path`, validated; JobError names the field (or the file) on failure."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as e:
+        raise JobError(f"job: cannot read {path}: {e.strerror}") from None
+    return parse_job(text)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .local_run import RunOptions, run_job
     from .sampling.errors import InvalidInput
@@ -31,11 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .storage.model_store import models_root_from
 
     try:
-        try:
-            text = Path(args.job).read_bytes()
-        except OSError as e:
-            raise JobError(f"job: cannot read {args.job}: {e.strerror}") from None
-        job = parse_job(text)
+        job = _read_job(args.job)
         options = RunOptions(models_root=models_root_from(args.models), device=args.device, dtype=args.dtype)
         result = run_job(job, options, on_progress=None if args.quiet else _progress_printer(sys.stderr))
     except (JobError, InvalidInput, InvalidFile) as e:
@@ -106,11 +111,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from .client import JobFailed, submit
 
     try:
-        try:
-            text = Path(args.job).read_bytes()
-        except OSError as e:
-            raise JobError(f"job: cannot read {args.job}: {e.strerror}") from None
-        handle = submit(parse_job(text), queue=args.queue)
+        handle = submit(_read_job(args.job), queue=args.queue)
     except JobError as e:
         print(f"maskfleet: invalid job: {e}", file=sys.stderr)
         return EXIT_INVALID
