@@ -1,7 +1,7 @@
 """Two real Celery worker processes share one queue: every job runs exactly once, on either worker.
 
 Both workers (`-c 1`, one torch thread each) consume maskfleet.model.tiny on the machine's
-Redis (an empty DB claimed for this module, flushed after). Twelve small jobs with
+Redis (an empty DB claimed for this module, flushed after). Twenty small jobs with
 distinct job ids and outputs go through maskfleet.client.submit. Run-once is checked three
 ways that must agree: each worker's own count of tasks it accepted (`inspect().stats()`),
 the task ids each worker logged as received, and the worker Celery recorded in each
@@ -23,9 +23,9 @@ from maskfleet.tasks.settings import TASK_NAME, model_queue
 from fleet_workers import Worker, claim_db_url, flush, require_redis
 
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
-JOBS = 12
+JOBS = 20
 STEPS = 3
-DEADLINE_S = 45.0
+DEADLINE_S = 120.0
 
 require_redis()
 
