@@ -9,8 +9,8 @@ finiteness checks so the latent, mask and conditioning readers fail the same way
 from pathlib import PurePosixPath
 
 import safetensors
-import safetensors.torch
 import torch
+from safetensors.torch import load as tensors_from_safetensors_bytes  # no pickle: a JSON header + raw buffers
 
 from .errors import InvalidFile
 
@@ -40,7 +40,7 @@ def load_safetensors(data: bytes, field: str) -> dict[str, torch.Tensor]:
     if not is_safetensors(data):
         raise InvalidFile(field, "not a safetensors file")
     try:
-        return safetensors.torch.load(data)
+        return tensors_from_safetensors_bytes(data)
     except (safetensors.SafetensorError, ValueError, TypeError, RuntimeError) as e:
         raise InvalidFile(field, f"unreadable safetensors file: {e}") from None
 
