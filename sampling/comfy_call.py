@@ -147,13 +147,15 @@ def advanced_call(
     schedules: ScheduleCache,
 ) -> torch.Tensor:
     """Run `sampler` over steps [start, end) of its `steps`-step schedule inside `region`."""
+
+    def run_pass(pass_info: SamplerInfo, schedule_name: str, x: torch.Tensor) -> torch.Tensor:
+        return _one_pass(sampler, pass_info, schedule_name, x, region, steps, start, end, add_noise, leftover, randomness, schedules)
+
     info = SAMPLERS[sampler.sampler_name]
-    args = (x_in, region, steps, start, end, add_noise, leftover, randomness, schedules)
-    x = _one_pass(sampler, info, sampler.sampler_name, *args)
+    x = run_pass(info, sampler.sampler_name, x_in)
     if info.recovery_sampler is None:
         return x
     # Impact Pack's recovery: composite into the input with the noise mask, then the same
     # step again with the recovery sampler on that sampler's own (plain) schedule.
     composite = x * region.inside + x_in * region.outside
-    recovery = RECOVERY_SAMPLERS[info.recovery_sampler]
-    return _one_pass(sampler, recovery, info.recovery_sampler, composite, *args[1:])
+    return run_pass(RECOVERY_SAMPLERS[info.recovery_sampler], info.recovery_sampler, composite)
