@@ -100,6 +100,8 @@ def submit(job: dict | Job, *, broker_url: str | None = None, queue: str | None 
     """
     parsed = job if isinstance(job, Job) else parse_job(job)
     options: dict[str, Any] = {"queue": queue} if queue else {}
+    # When it was sent, for the worker's queue-wait metric (tasks/metrics.py).
+    options["headers"] = {"sent_at": time.time()}
     longest = load_settings().max_job_seconds if parsed.time_limit is not None else 0
     try:
         if parsed.time_limit is not None:

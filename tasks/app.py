@@ -64,5 +64,5 @@ def configure(app: Celery, settings: Settings) -> None:
     )
 
 
-app = Celery("maskfleet", include=["maskfleet.tasks.sample_task"])
+app = Celery("maskfleet", include=["maskfleet.tasks.sample_task", "maskfleet.tasks.metrics"])
 configure(app, load_settings())

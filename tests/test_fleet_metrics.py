@@ -1,0 +1,77 @@
+"""The metrics endpoint of a real worker process (tasks/metrics.py) after one good and one failing job."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.request
+
+import pytest
+from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
+from prometheus_client.parser import text_string_to_metric_families
+
+from maskfleet.client import JobFailed, _app, submit
+from maskfleet.tasks.settings import model_queue
+from fleet_workers import Worker, claim_db_url, flush, require_redis
+
+CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
+
+require_redis()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def make_job(root, name: str) -> dict:
+    write_case_job(CASE, root / name)
+    job = json.loads((root / name / "job.json").read_text())
+    job["job_id"] = f"{name}-{time.time_ns()}"
+    return job
+
+
+def test_worker_serves_job_metrics(tmp_path):
+    url = claim_db_url()
+    flush(url)
+    port = free_port()
+    worker = Worker("metrics", [model_queue("tiny")], url, make_models_dir(tmp_path), tmp_path / "worker.log",
+                    extra_env={"MASKFLEET_METRICS_PORT": str(port), "MASKFLEET_METRICS_ADDR": "127.0.0.1"})
+    try:
+        worker.wait_ready(_app(url))
+        good = make_job(tmp_path, "good")
+        assert submit(good, broker_url=url).wait(60)["shape"] == [1, 4, 32, 32]
+        bad = make_job(tmp_path, "bad")
+        bad["base_sampler"]["model"] = "missing"
+        with pytest.raises(JobFailed):
+            submit(bad, broker_url=url, queue=model_queue("tiny")).wait(60)
+
+        end = time.monotonic() + 15
+        while True:
+            try:
+                metrics = scrape(port)
+                if metrics.get(("maskfleet_jobs_total", (("outcome", "failed"),))) == 1:
+                    break
+            except OSError:
+                metrics = {}
+            assert time.monotonic() < end, f"no metrics on {port}: {metrics}\n{worker.log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        assert metrics[("maskfleet_jobs_total", (("outcome", "succeeded"),))] == 1
+        assert metrics[("maskfleet_jobs_total", (("outcome", "cancelled"),))] == 0
+        assert metrics[("maskfleet_job_duration_seconds_count", (("outcome", "succeeded"),))] >= 1
+        assert metrics[("maskfleet_job_duration_seconds_count", (("outcome", "failed"),))] >= 1
+        assert metrics[("maskfleet_queue_wait_seconds_count", ())] == 2  # both sent by submit, with sent_at
+        assert metrics[("maskfleet_sampling_steps_per_second", ())] > 0
+        assert metrics[("maskfleet_model_loads_total", ())] >= 1
+        assert ("maskfleet_model_cache_hits_total", ()) in metrics
+        assert not any(name.startswith("maskfleet_gpu_memory") for name, _ in metrics)  # CPU worker: absent
+    finally:
+        worker.stop()
+        flush(url)
