@@ -108,11 +108,14 @@ def test_keda_trigger_uses_the_model_queue():
     assert so["spec"]["scaleTargetRef"]["name"] == "maskfleet-worker"
     assert so["spec"]["minReplicaCount"] == 0
     (trigger,) = so["spec"]["triggers"]
-    assert trigger["type"] == "redis"
-    assert trigger["metadata"]["listLength"] == "1"
+    assert trigger["type"] == "prometheus"  # on our queue-depth metric: see the file's comment
+    assert trigger["metadata"]["threshold"] == "1"
     container = find("Deployment", "maskfleet-worker")["spec"]["template"]["spec"]["containers"][0]
     model = served_model(container["args"])
-    assert trigger["metadata"]["listName"] == model_queue(model)
+    query = trigger["metadata"]["query"]
+    assert query == f'sum(maskfleet_queue_depth{{queue="{model_queue(model)}"}})'
+    assert "python -m maskfleet.tasks.queue_depth" in (DEPLOY / "k8s" / "scaledobject.yaml").read_text()
+    assert f"--queues {model_queue(model)}" in (DEPLOY / "k8s" / "scaledobject.yaml").read_text()
     assert served_model(compose()["services"]["worker"]["command"]) == model
 
 

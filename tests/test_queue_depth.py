@@ -7,9 +7,13 @@ import urllib.request
 import pytest
 import redis
 from celery import Celery
-
 from fleet_workers import claim_db_url, flush, require_redis
-from maskfleet.tasks.queue_depth import PRIORITY_SEP, QueueDepthCollector, queue_depth, serve_queue_depth
+from maskfleet.tasks.queue_depth import (
+    PRIORITY_SEP,
+    QueueDepthCollector,
+    queue_depth,
+    serve_queue_depth,
+)
 from maskfleet.tasks.settings import model_queue
 
 require_redis()
