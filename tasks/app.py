@@ -64,5 +64,5 @@ def configure(app: Celery, settings: Settings) -> None:
     )
 
 
-app = Celery("maskfleet", include=["maskfleet.tasks.sample_task", "maskfleet.tasks.metrics"])
+app = Celery("maskfleet", include=["maskfleet.tasks.sample_task", "maskfleet.tasks.metrics", "maskfleet.tasks.json_logs"])
 configure(app, load_settings())
