@@ -181,3 +181,26 @@ def test_dockerfile():
     assert "HEALTHCHECK" in text and "inspect ping" in text
     assert 'CMD ["maskfleet", "worker"]' in text
     assert not re.search(r"(SECRET|PASSWORD|ACCESS_KEY)\S*=", text)
+
+
+def test_queue_depth_exporter_matches_the_scaled_object():
+    """The exporter the KEDA query reads runs in the cluster, on the ScaledObject's queue, and is scraped."""
+    deploy = find("Deployment", "maskfleet-queue-depth")
+    pod = deploy["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    args = container["args"]
+    assert args[:3] == ["python", "-m", "maskfleet.tasks.queue_depth"]
+    port = int(args[args.index("--port") + 1])
+    queues = args[args.index("--queues") + 1].split(",")
+    query = find("ScaledObject", "maskfleet-worker-sd15")["spec"]["triggers"][0]["metadata"]["query"]
+    (so_queue,) = re.findall(r'queue="([^"]+)"', query)
+    assert queues == [so_queue]
+    assert port == 9809
+    assert [p["containerPort"] for p in container["ports"]] == [port]
+    assert [p["targetPort"] for p in find("Service", "maskfleet-queue-depth")["spec"]["ports"]] == [port]
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    (env,) = container["env"]
+    assert env["name"] == "MASKFLEET_BROKER_URL"
+    ref = env["valueFrom"]["configMapKeyRef"]
+    assert ref["name"] == "maskfleet-config" and ref["key"] in find("ConfigMap", "maskfleet-config")["data"]
