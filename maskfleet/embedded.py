@@ -131,12 +131,8 @@ def embedded_fleet(
         finally:
             conn.release()
         keys = MemoryKeys()
-        saved_client = redis_keys._client
-        redis_keys._client = (os.getpid(), MEMORY_BACKEND, keys)  # connection() for our URL: the dict
-        if redis_keys.connection() is not keys:
-            redis_keys._client = saved_client
-            raise RuntimeError("tasks.redis_keys.connection() would not use the in-memory keys")
-        sample_task._runner = None  # a JobRunner for this block's models/device/dtype
+        redis_keys.register_store(MEMORY_BACKEND, keys)  # the task's own keys go to the dict
+        sample_task.reset_runner()  # a JobRunner for this block's models/device/dtype
 
         ready = threading.Event()
         worker = app.WorkController(
@@ -172,8 +168,8 @@ def embedded_fleet(
             worker_state.should_terminate = 0
             thread.join(1.0 if failed else stop_timeout)
             worker_state.should_terminate = None
-            redis_keys._client = saved_client
-            sample_task._runner = None
+            redis_keys.register_store(MEMORY_BACKEND, None)
+            sample_task.reset_runner()
             if not thread.is_alive():
                 app.close()
             elif not failed:

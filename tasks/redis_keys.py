@@ -14,16 +14,27 @@ import redis
 from .settings import KEY_PREFIX, load_settings
 
 _client: tuple[int, str, redis.Redis] | None = None
+_stores: dict[str, object] = {}  # URL -> a stand-in with the same few calls (the embedded fleet's dict)
+
+
+def register_store(url: str, store: object | None) -> None:
+    """Serve `url` from `store` (set/get/exists/delete like redis.Redis) instead of a Redis; None removes it."""
+    if store is None:
+        _stores.pop(url, None)
+    else:
+        _stores[url] = store
 
 
 def connection(url: str | None = None) -> redis.Redis:
     """A client for `url` or the result backend's Redis (the broker's by default), made once per process.
 
     Rebuilt after a fork (a prefork child must not share its parent's sockets) or when the
-    URL in the environment changed.
+    URL in the environment changed. A URL given to `register_store` gets that store.
     """
     global _client
     url = url or load_settings().result_backend
+    if url in _stores:
+        return _stores[url]  # type: ignore[return-value]
     if _client is None or _client[0] != os.getpid() or _client[1] != url:
         _client = (os.getpid(), url, redis.Redis.from_url(url))
     return _client[2]

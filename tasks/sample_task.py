@@ -54,6 +54,12 @@ def runner() -> JobRunner:
     return _runner[1]
 
 
+def reset_runner() -> None:
+    """Forget this process's JobRunner, so the next job builds one from the current environment."""
+    global _runner
+    _runner = None
+
+
 @app.task(
     bind=True,
     name=TASK_NAME,
