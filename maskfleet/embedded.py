@@ -31,7 +31,7 @@ POLL_SECONDS = 0.05  # how often the worker looks at the in-memory queue
 
 
 class MemoryKeys:
-    """The subset of redis.Redis that tasks/ uses (set with nx/ex, get, exists, delete), in a dict."""
+    """The subset of redis.Redis that tasks/ uses (set with nx/ex, get, exists, delete, incr, expire), in a dict."""
 
     def __init__(self) -> None:
         self._data: dict[str, tuple[bytes, float | None]] = {}
@@ -71,6 +71,22 @@ class MemoryKeys:
     def delete(self, *names: str) -> int:
         with self._lock:
             return sum(self._data.pop(n, None) is not None for n in names)
+
+    def incr(self, name: str) -> int:
+        with self._lock:
+            current = self._live(name)
+            value = int(current or 0) + 1
+            expires = self._data[name][1] if current is not None else None
+            self._data[name] = (str(value).encode(), expires)
+            return value
+
+    def expire(self, name: str, seconds: int) -> bool:
+        with self._lock:
+            current = self._live(name)
+            if current is None:
+                return False
+            self._data[name] = (current, time.monotonic() + seconds)
+            return True
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import Celery
 
+from .leases import restore_interval
 from .settings import DEFAULT_QUEUE, TASK_NAME, Settings, load_settings, model_queue
 
 
@@ -29,7 +30,14 @@ def route_job(name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
 
 
 def configure(app: Celery, settings: Settings) -> None:
-    transport = {"visibility_timeout": settings.visibility_timeout}
+    # An unacked job whose lease (its score in Redis's unacked_index, refreshed by its
+    # worker's heartbeat: leases.py) is older than the visibility timeout goes back to its
+    # queue; every worker's kombu sweeps for those every few seconds.
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        "unacked_restore_interval": restore_interval(settings.lease_seconds),
+        "unacked_restore_throttle": 1,
+    }
     app.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.result_backend,
@@ -44,9 +52,9 @@ def configure(app: Celery, settings: Settings) -> None:
         task_reject_on_worker_lost=True,
         # A worker holds one job at a time: jobs wait in Redis for a free GPU, not in a busy worker.
         worker_prefetch_multiplier=1,
-        # Redis redelivers an unacked job after the visibility timeout: longer than any job.
+        # Redis redelivers an unacked job once its lease ran out: a dead worker's job within
+        # a minute, a live worker's never, however long it runs (leases.py).
         broker_transport_options=transport,
-        result_backend_transport_options=transport,
         # On broker connection loss the running job is cancelled (it will be redelivered)
         # rather than finished and then run a second time.
         worker_cancel_long_running_tasks_on_connection_loss=True,
@@ -64,5 +72,6 @@ def configure(app: Celery, settings: Settings) -> None:
     )
 
 
-app = Celery("maskfleet", include=["maskfleet.tasks.sample_task", "maskfleet.tasks.metrics", "maskfleet.tasks.json_logs"])
+app = Celery("maskfleet", include=["maskfleet.tasks.sample_task", "maskfleet.tasks.metrics", "maskfleet.tasks.json_logs",
+                                   "maskfleet.tasks.leases", "maskfleet.tasks.deliveries"])
 configure(app, load_settings())

@@ -4,6 +4,7 @@ Keys (all expire after MASKFLEET_RESULT_EXPIRES):
 - maskfleet:submitted:<job_id>  set once by the first submission of a job id (SET NX)
 - maskfleet:done:<job_id>       the result of a job id that finished, with the job's digest
 - maskfleet:cancel:<task_id>    a cancel request, read by the worker between sampler calls
+- maskfleet:deliveries:<task_id> deliveries of a job whose worker died (deliveries.py)
 """
 from __future__ import annotations
 
@@ -50,6 +51,10 @@ def done_key(job_id: str) -> str:
 
 def cancel_key(task_id: str) -> str:
     return f"{KEY_PREFIX}:cancel:{task_id}"
+
+
+def deliveries_key(task_id: str) -> str:
+    return f"{KEY_PREFIX}:deliveries:{task_id}"
 
 
 def ttl() -> int:

@@ -7,14 +7,20 @@ life of that process, so models stay loaded between jobs.
 
 Outcomes: SUCCESS with JobRunner's result; FAILURE with InvalidJob("<field>: <reason>")
 for bad input (a `time_limit` over this worker's MASKFLEET_MAX_JOB_SECONDS included),
-never retried; retried with backoff when storage is unavailable; REVOKED when cancelled
-(see cancellation.py). Progress, webhooks (status_events.py), cancellation and
-idempotency live in their own modules; this body only wires their hooks into the run.
+with JobOutOfMemory when the job does not fit the device (memory_limit.py), with
+PoisonJob when its worker died during each of its last deliveries (deliveries.py): none
+of them retried; retried with backoff when storage is unavailable (at most
+MASKFLEET_STORAGE_RETRIES times, after botocore's own retries), then FAILURE with
+StorageUnavailable; REVOKED when cancelled (see cancellation.py). Progress, webhooks
+(status_events.py), cancellation and idempotency live in their own modules; this body
+only wires their hooks into the run.
 """
 from __future__ import annotations
 
 import os
 from typing import Any
+
+from celery.utils.time import get_exponential_backoff_interval
 
 from ..job import JobError, parse_job
 from ..local_run import JobRunner, RunOptions
@@ -23,13 +29,16 @@ from ..storage.errors import InvalidFile, StorageUnavailable
 from ..storage.model_store import models_root_from
 from .app import app
 from .cancellation import cancel_requested, end_cancelled, stop_hook
-from .errors import InvalidJob
+from .deliveries import check_not_poison
+from .errors import InvalidJob, JobOutOfMemory
 from .idempotency import finished_result
+from .memory_limit import apply_memory_limit, describe, free_memory, is_out_of_memory, memory_limit_mb
 from .progress import task_progress
-from .settings import TASK_NAME, check_time_limit
+from .settings import TASK_NAME, check_time_limit, load_settings
 from .status_events import announce_start
 
 _runner: tuple[int, JobRunner] | None = None
+STORAGE_BACKOFF_MAX = 300  # seconds, the longest wait between two attempts of a job on storage faults
 
 
 def runner() -> JobRunner:
@@ -50,7 +59,12 @@ def runner() -> JobRunner:
             device=os.environ.get("MASKFLEET_DEVICE") or "auto",
             dtype=os.environ.get("MASKFLEET_DTYPE") or "float32",
         )
-        _runner = (os.getpid(), JobRunner(options))
+        job_runner = JobRunner(options)
+        try:
+            apply_memory_limit(job_runner.device, memory_limit_mb())
+        except ValueError as e:
+            raise RuntimeError(f"worker misconfigured: {e}") from None
+        _runner = (os.getpid(), job_runner)
     return _runner[1]
 
 
@@ -60,19 +74,32 @@ def reset_runner() -> None:
     _runner = None
 
 
-@app.task(
-    bind=True,
-    name=TASK_NAME,
-    autoretry_for=(StorageUnavailable,),
-    retry_backoff=True,
-    retry_backoff_max=300,
-    retry_jitter=True,
-    max_retries=5,
-)
+def storage_retry_countdown(retries: int) -> int:
+    """Seconds before the next attempt after a storage fault: 1, 2, 4, ... up to 300, fully jittered."""
+    return get_exponential_backoff_interval(1, retries, STORAGE_BACKOFF_MAX, full_jitter=True)
+
+
+def run_job_guarded(job: Any, **hooks: Any) -> dict:
+    """Run `job` on this process's runner; an out-of-memory error becomes JobOutOfMemory after freeing."""
+    job_runner = runner()
+    try:
+        return job_runner.run(job, **hooks)
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        message = describe(e, job_runner.device, memory_limit_mb())
+    # Outside the except block: the error's traceback, which holds the job's tensors, is gone.
+    free_memory(job_runner.device)
+    raise JobOutOfMemory(message)
+
+
+@app.task(bind=True, name=TASK_NAME)
 def sample(self: Any, job_data: dict) -> dict:
+    settings = load_settings()
+    check_not_poison(self.request.id, settings.max_deliveries)
     try:
         job = parse_job(job_data)
-        if job.time_limit is not None:  # past the max, Redis would redeliver it while it runs
+        if job.time_limit is not None:  # never more than this worker's own hard limit
             check_time_limit(job.time_limit, app.conf.task_time_limit)
     except (JobError, ValueError) as e:
         raise InvalidJob(str(e)) from None
@@ -83,10 +110,11 @@ def sample(self: Any, job_data: dict) -> dict:
     if done is not None:
         return done
     try:
-        return runner().run(job, on_progress=task_progress(self), should_stop=stop_hook(self.request.id))
+        return run_job_guarded(job, on_progress=task_progress(self), should_stop=stop_hook(self.request.id))
     except SamplingStopped:
         end_cancelled(self)
-    except StorageUnavailable:
-        raise
+    except StorageUnavailable as e:
+        raise self.retry(exc=e, countdown=storage_retry_countdown(self.request.retries),
+                         max_retries=settings.storage_retries) from None
     except (InvalidInput, InvalidFile) as e:
         raise InvalidJob(str(e)) from None

@@ -29,8 +29,11 @@ class Settings:
     result_backend: str
     max_job_seconds: int  # hard time limit: the child running the job is killed past it
     soft_time_limit: int  # SoftTimeLimitExceeded is raised inside the job first
-    visibility_timeout: int  # an unacked job is redelivered after this; must exceed any job
+    visibility_timeout: int  # an unacked job not heartbeaten for this long is redelivered (leases.py)
     result_expires: int  # how long results, done records and submission keys are kept
+    lease_seconds: int = 30  # a worker's hold on the jobs it reserved lasts this long without a heartbeat
+    max_deliveries: int = 3  # deliveries whose worker died before a job gives it up as poison (deliveries.py)
+    storage_retries: int = 5  # task retries (with backoff) after botocore's own retries ran out
 
     @property
     def key_ttl(self) -> int:
@@ -47,6 +50,20 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ValueError(f"{name}: expected an integer number of seconds, got {raw!r}") from None
     if value <= 0:
         raise ValueError(f"{name}: must be positive, got {value}")
+    return value
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    """A non-negative integer setting (0 allowed)."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}: expected a whole number, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name}: must not be negative, got {value}")
     return value
 
 
@@ -67,6 +84,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     backend = env.get("MASKFLEET_RESULT_BACKEND") or broker
     hard = _int(env, "MASKFLEET_MAX_JOB_SECONDS", 3600)
     soft = soft_limit(hard)
-    visibility = hard * 2 + 300
+    lease = _int(env, "MASKFLEET_LEASE_SECONDS", 30)
     expires = _int(env, "MASKFLEET_RESULT_EXPIRES", 86400)
-    return Settings(broker, backend, hard, soft, visibility, expires)
+    deliveries = _int(env, "MASKFLEET_MAX_DELIVERIES", 3)
+    retries = _count(env, "MASKFLEET_STORAGE_RETRIES", 5)
+    # The broker's visibility timeout is the lease: workers heartbeat what they hold (leases.py).
+    return Settings(broker, backend, hard, soft, lease, expires, lease, deliveries, retries)

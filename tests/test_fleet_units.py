@@ -1,6 +1,8 @@
 """Fleet pieces without a broker: settings, routing, the progress throttle, the launcher's plan."""
 from __future__ import annotations
 
+import pytest
+
 from maskfleet.tasks.app import app, route_job
 from maskfleet.tasks.progress import Throttle
 from maskfleet.tasks.settings import DEFAULT_QUEUE, load_settings, model_queue
@@ -11,17 +13,23 @@ def test_settings_defaults_and_derived_limits():
     s = load_settings({})
     assert s.broker_url == s.result_backend == "redis://127.0.0.1:6379/0"
     assert s.max_job_seconds == 3600 and 3000 < s.soft_time_limit < 3600
-    assert s.visibility_timeout > 2 * s.max_job_seconds
-    t = load_settings({"MASKFLEET_BROKER_URL": "rediss://:pw@h:6380/1?ssl_cert_reqs=required", "MASKFLEET_MAX_JOB_SECONDS": "10"})
-    assert t.result_backend == t.broker_url and 0 < t.soft_time_limit < 10 <= t.visibility_timeout // 2
+    assert s.visibility_timeout == s.lease_seconds == 30 and s.max_deliveries == 3 and s.storage_retries == 5
+    t = load_settings({"MASKFLEET_BROKER_URL": "rediss://:pw@h:6380/1?ssl_cert_reqs=required", "MASKFLEET_MAX_JOB_SECONDS": "10",
+                       "MASKFLEET_LEASE_SECONDS": "4", "MASKFLEET_STORAGE_RETRIES": "0"})
+    assert t.result_backend == t.broker_url and 0 < t.soft_time_limit < 10
+    assert t.visibility_timeout == 4 and t.storage_retries == 0
+    for name, value in (("MASKFLEET_LEASE_SECONDS", "0"), ("MASKFLEET_STORAGE_RETRIES", "-1"), ("MASKFLEET_MAX_DELIVERIES", "x")):
+        with pytest.raises(ValueError, match=name):
+            load_settings({name: value})
 
 
 def test_app_is_json_only_with_late_acks_and_transport_timeouts():
     c = app.conf
     assert c.accept_content == ["json"] and c.task_serializer == c.result_serializer == "json"
     assert c.task_acks_late and c.task_reject_on_worker_lost and c.worker_prefetch_multiplier == 1
-    vt = load_settings().visibility_timeout
-    assert c.broker_transport_options["visibility_timeout"] == vt == c.result_backend_transport_options["visibility_timeout"]
+    transport = c.broker_transport_options
+    assert transport["visibility_timeout"] == load_settings().lease_seconds
+    assert transport["unacked_restore_throttle"] == 1 and 1 <= transport["unacked_restore_interval"] <= 10
 
 
 def test_route_by_base_sampler_model():

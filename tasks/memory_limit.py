@@ -1,0 +1,74 @@
+"""Out of memory: a job too large for its device fails with JobOutOfMemory, and the worker goes on.
+
+On a GPU, a job that does not fit raises CUDA's OutOfMemoryError inside the model; on
+the CPU an allocation fails (or, without a limit, the kernel's OOM killer ends the whole
+process, and the job comes back as a poison job: deliveries.py). Either way the job
+would fail again with the same parameters, so it is not retried: the task turns the
+error into :class:`JobOutOfMemory`, drops the job's tensors and returns cached blocks to
+the device before the next job.
+
+``MASKFLEET_MEMORY_LIMIT_MB`` caps what a worker's job process may use: on CUDA through
+``torch.cuda.set_per_process_memory_fraction`` (the caching allocator refuses past it),
+on the CPU through the process's data limit (RLIMIT_DATA: heap and private mappings),
+so an oversized job fails at its first large allocation instead of pushing the host
+into swap or the OOM killer. Unset, the device's own size is the limit.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import resource
+
+import torch
+
+LIMIT_ENV = "MASKFLEET_MEMORY_LIMIT_MB"
+_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")
+
+
+def memory_limit_mb(env: dict | None = None) -> int | None:
+    raw = (os.environ if env is None else env).get(LIMIT_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{LIMIT_ENV}: expected a whole number of MiB, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{LIMIT_ENV}: must be positive, got {value}")
+    return value
+
+
+def apply_memory_limit(device: torch.device, limit_mb: int | None) -> None:
+    """Cap this process's memory on `device` (see the module docstring); None leaves it alone."""
+    if limit_mb is None:
+        return
+    limit = limit_mb * 1024 * 1024
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), device)
+    else:
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _MESSAGES)
+
+
+def describe(error: BaseException, device: torch.device, limit_mb: int | None) -> str:
+    """The JobOutOfMemory message: device, the limit, and the allocator's own first line."""
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    cap = f" (limit MASKFLEET_MEMORY_LIMIT_MB={limit_mb})" if limit_mb is not None else ""
+    return (f"out of memory on {device}{cap}: {detail}; not retried with the same parameters, "
+            "use a smaller batch or resolution")
+
+
+def free_memory(device: torch.device) -> None:
+    """Give back what a failed job held: unreachable tensors, then the CUDA allocator's cached blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
