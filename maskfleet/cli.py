@@ -111,7 +111,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from .client import JobFailed, submit
 
     try:
-        handle = submit(_read_job(args.job), queue=args.queue)
+        handle = submit(_read_job(args.job), broker_url=args.broker, queue=args.queue)
     except JobError as e:
         print(f"maskfleet: invalid job: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="wait for the result and print it")
     submit.add_argument("--timeout", type=float, default=None, help="seconds to wait with --wait (default: no limit)")
     submit.add_argument("--queue", default=None, help="queue to send to (default: the base sampler's model queue)")
+    submit.add_argument("--broker", default=None,
+                        help="broker URL, also used as the result backend (default: $MASKFLEET_BROKER_URL and $MASKFLEET_RESULT_BACKEND)")
     submit.set_defaults(func=cmd_submit)
 
     status = sub.add_parser("status", help="print a job's state and progress/result as JSON")

@@ -1,10 +1,13 @@
 """Run jobs in this process: what `maskfleet run` does, and what a worker will do per job.
 
-Data flows one way: job -> every URI checked -> models found (fetched into the cache if
-the store is S3) -> inputs read and checked -> models loaded (kept in an LRU across
-jobs) -> sampling -> output written whole (temp file + rename locally, one PUT or a
-completed multipart upload on S3). Every input is read and checked before a model is
-loaded or anything is written, so a bad job fails fast and leaves no output behind.
+Data flows one way: job -> every URI checked (local outputs against the allowed roots
+too) -> models found (fetched into the cache if the store is S3) -> inputs read and
+checked, alone and against each other and the models' configs (mask shape against the
+latent, overlap against its size, latent channels and conditioning widths against each
+UNet's config.json) -> models loaded (kept in an LRU across jobs) -> sampling -> output
+written whole (temp file + rename locally, one PUT or a completed multipart upload on
+S3). Every input is read and checked before a model is loaded or anything is written,
+so a bad job fails fast, names the field to fix and leaves no output behind.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ from .model_cache import LoadedModels
 from .prompt_encoder import PromptEncoder
 from .sampling import AdvancedSampler, sample_two_samplers
 from .sampling.errors import InvalidInput
-from .sampling.unet_denoiser import UNetDenoiser, load_unet_denoiser
+from .sampling.masks import check_mask_fits, check_overlap
+from .sampling.unet_denoiser import UNetDenoiser, load_unet_denoiser, unet_inputs
+from .storage.allowed_roots import confine
 from .storage.conditioning_files import read_conditioning
 from .storage.file_uris import local_path
 from .storage.latent_files import encode_latent, read_latent
@@ -85,6 +90,32 @@ def check_job_uris(job: Job) -> None:
             raise InvalidInput(field, "would overwrite one of the job's inputs")
     if job.preview and _same_object_key(job.preview) == _same_object_key(job.output):
         raise InvalidInput("preview", "must differ from output")
+    for field, uri in outputs.items():  # a write outside MASKFLEET_ALLOWED_ROOTS fails now, not after sampling
+        if not is_s3_uri(uri):
+            confine(local_path(uri, field), field, writing=True)
+
+
+def check_inputs_fit(job: Job, latent: torch.Tensor, mask: torch.Tensor, cond: dict[str, torch.Tensor],
+                     model_dirs: dict[str, Path]) -> None:
+    """The inputs against each other and against each sampler's UNet config, before any model loads.
+
+    Each is valid alone by now; together they must make one job: a mask of the latent's
+    batch and aspect ratio, an overlap no larger than the latent, the latent channels
+    and conditioning width each UNet takes (read from its config.json, no weights).
+    """
+    _, channels, height, width = latent.shape
+    check_mask_fits(mask, latent.shape)
+    check_overlap(job.overlap_factor, height, width)
+    for field in SAMPLER_FIELDS:
+        model = getattr(job, field).model
+        takes = unet_inputs(model_dirs[field], f"{field}.model")
+        if channels != takes.in_channels:
+            raise InvalidInput("latent", f"has {channels} channels; {field}.model {model!r} takes {takes.in_channels}")
+        for kind in ("positive", "negative"):
+            name = f"{field}.{kind}"
+            got = cond[name].shape[-1]
+            if takes.context_width is not None and got != takes.context_width:
+                raise InvalidInput(name, f"is {got} wide (last dimension); {field}.model {model!r} takes {takes.context_width}")
 
 
 class JobRunner:
@@ -116,6 +147,7 @@ class JobRunner:
             for field in SAMPLER_FIELDS
             for kind in ("positive", "negative")
         }
+        check_inputs_fit(job, latent, mask, cond, model_dirs)
         samplers = {}
         for field in SAMPLER_FIELDS:
             spec = getattr(job, field)

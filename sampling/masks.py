@@ -18,7 +18,12 @@ from .errors import InvalidInput
 
 
 def normalize_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
-    """A [B, h, w] float32 mask clamped to [0, 1]; accepts [h, w], [1, h, w], [B, h, w] or [B, 1, h, w]."""
+    """A [B, h, w] float32 mask; accepts [h, w], [1, h, w], [B, h, w] or [B, 1, h, w] with values in [0, 1].
+
+    Values outside [0, 1] are refused rather than clamped: a mask of 1.5 or -0.2 says its
+    producer meant something else (a 0..255 image, a signed weight), and clamping would
+    silently turn it into a different job.
+    """
     if mask.ndim == 4 and mask.shape[1] == 1:
         mask = mask[:, 0]
     if mask.ndim == 2:
@@ -29,7 +34,46 @@ def normalize_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
         raise InvalidInput("mask", f"mask batch {mask.shape[0]} does not match latent batch {batch} (use 1 or {batch})")
     if not torch.isfinite(mask).all():
         raise InvalidInput("mask", "contains NaN or infinite values")
-    return mask.float().clamp(0.0, 1.0)
+    check_mask_values(mask)
+    return mask.float()
+
+
+def check_mask_values(mask: torch.Tensor, field: str = "mask") -> None:
+    """Refuse a mask with values outside [0, 1] (NaN is refused by the finiteness checks)."""
+    low, high = float(mask.min()), float(mask.max())
+    if low < 0.0 or high > 1.0:
+        raise InvalidInput(field, f"values must lie in [0, 1], found {low:g}..{high:g}")
+
+
+def check_mask_fits(mask: torch.Tensor, latent_shape: torch.Size | tuple[int, ...], field: str = "mask") -> None:
+    """Refuse a [B, h, w] mask whose batch or aspect ratio does not fit a [B, C, H, W] latent.
+
+    A mask may have any resolution (it is resized to the latent), but not another shape:
+    resized from another aspect ratio it would be stretched over the wrong pixels. The
+    ratio must agree up to one latent pixel either way, the rounding a VAE's /8 leaves
+    (a 516x512 image over a 64x64 latent is fine; a 512x1024 mask over it is not).
+    """
+    b, _, h, w = latent_shape
+    if mask.shape[0] not in (1, b):
+        raise InvalidInput(field, f"mask batch {mask.shape[0]} does not match latent batch {b} (use 1 or {b})")
+    mh, mw = mask.shape[-2], mask.shape[-1]
+    if abs(mh * w / mw - h) > 1.0 or abs(mw * h / mh - w) > 1.0:
+        raise InvalidInput(
+            field, f"is {mh}x{mw} (height x width), another aspect ratio than the {h}x{w} latent; "
+            "a mask may have any resolution but must have the latent's shape")
+
+
+def check_overlap(overlap_factor: int, latent_height: int, latent_width: int) -> None:
+    """Refuse an overlap_factor larger than the latent: its box would exceed the latent on every side.
+
+    Past max(H, W) the grown mask covers most of the latent whatever the mask is, so the
+    value is a mistake (latent pixels are 1/8 of image pixels), not a request.
+    """
+    longest = max(latent_height, latent_width)
+    if overlap_factor > longest:
+        raise InvalidInput(
+            "overlap_factor", f"{overlap_factor} is larger than the {latent_height}x{latent_width} latent "
+            f"(it is counted in latent pixels); use at most {longest}")
 
 
 def inverse_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ epsilon or a v prediction turned into x0 in float32.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,6 +51,40 @@ class UNetDenoiser:
         return x - out * sigma
 
 
+@dataclass(frozen=True)
+class UNetInputs:
+    """What a UNet takes: latent channels and the width of its conditioning (None if unknown)."""
+
+    in_channels: int
+    context_width: int | None
+
+
+def _unet_dir(model_dir: Path) -> Path:
+    return model_dir / "unet" if (model_dir / "unet" / "config.json").is_file() else model_dir
+
+
+def unet_inputs(model_dir: Path, field: str = "model") -> UNetInputs:
+    """Read the UNet's config.json only (no weights), so a job's tensors are checked before a model loads.
+
+    A mismatch found here would otherwise surface as a shape error deep inside the UNet,
+    after the model was loaded, with no field to fix. The conditioning width is
+    `encoder_hid_dim` when the UNet projects its context first, else `cross_attention_dim`
+    (None when that is a per-block list of different widths).
+    """
+    config_path = _unet_dir(Path(model_dir)) / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidInput(field, f"cannot read {config_path}: {e}") from None
+    width = config.get("encoder_hid_dim") if config.get("encoder_hid_dim_type") else config.get("cross_attention_dim", 1280)
+    if isinstance(width, (list, tuple)):
+        width = width[0] if len(set(width)) == 1 else None
+    try:
+        return UNetInputs(int(config.get("in_channels", 4)), None if width is None else int(width))
+    except (TypeError, ValueError):
+        raise InvalidInput(field, f"{config_path}: in_channels or cross_attention_dim is not a number") from None
+
+
 def load_unet_denoiser(model_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> UNetDenoiser:
     """Load a model directory: a bare diffusers UNet (config.json + weights) or a pipeline layout.
 
@@ -60,7 +95,7 @@ def load_unet_denoiser(model_dir: Path, device: str | torch.device = "cpu", dtyp
     from diffusers import UNet2DConditionModel
 
     model_dir = Path(model_dir)
-    unet_dir = model_dir / "unet" if (model_dir / "unet" / "config.json").is_file() else model_dir
+    unet_dir = _unet_dir(model_dir)
     if not (unet_dir / "config.json").is_file():
         raise InvalidInput("model", f"{model_dir} holds no diffusers UNet (config.json missing)")
     scheduler_dir = model_dir / "scheduler" if unet_dir != model_dir else None

@@ -36,8 +36,9 @@ def decode_mask(data: bytes, field: str, name: str, *,
     """Decode a mask as float32 [B, H, W] with values in [0, 1].
 
     Safetensors files (recognised by content) hold exactly one floating or bool tensor
-    of shape [H, W], [B, H, W] or [B, 1, H, W]; it must be finite and is clamped to
-    [0, 1]. Anything else is opened with Pillow (PNG, JPEG, WebP...), see
+    of shape [H, W], [B, H, W] or [B, 1, H, W]; it must be finite with values in
+    [0, 1] (anything outside is refused, not clamped: 255 or -1 means the producer
+    meant another convention, and clamping would run a different job). Anything else is opened with Pillow (PNG, JPEG, WebP...), see
     ``image_to_mask``; images over ``max_pixels`` pixels are refused. ``name`` (the
     URI's last segment) is only checked for pickle suffixes.
     """
@@ -85,7 +86,7 @@ def image_to_mask(image: Image.Image) -> torch.Tensor:
 
 
 def _tensor_to_mask(tensor: torch.Tensor, field: str) -> torch.Tensor:
-    """Check a mask tensor's shape and values; return float32 [B, H, W] in [0, 1]."""
+    """Check a mask tensor's shape and values; return float32 [B, H, W], refusing values outside [0, 1]."""
     shape = list(tensor.shape)
     if tensor.ndim == 4 and tensor.shape[1] == 1:
         tensor = tensor[:, 0]
@@ -95,4 +96,7 @@ def _tensor_to_mask(tensor: torch.Tensor, field: str) -> torch.Tensor:
         raise InvalidFile(
             field, f"has shape {shape}; expected [H, W], [B, H, W] or [B, 1, H, W]")
     mask = require_finite(to_float32(tensor, field, allow_bool=True), field)
-    return mask.clamp(0.0, 1.0).contiguous()
+    low, high = float(mask.min()), float(mask.max())
+    if low < 0.0 or high > 1.0:
+        raise InvalidFile(field, f"values must lie in [0, 1], found {low:g}..{high:g}")
+    return mask.contiguous()

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from golden_jobs import golden_case_dirs
 from maskfleet.sampling import InvalidInput
-from maskfleet.sampling.masks import grow_mask, inverse_mask, normalize_mask, to_latent
+from maskfleet.sampling.masks import check_mask_fits, check_overlap, grow_mask, inverse_mask, normalize_mask, to_latent
 
 
 
@@ -201,9 +201,12 @@ def test_normalize_mask_shapes(shape, batch, expected):
     assert torch.equal(out.reshape(-1), m.float().reshape(-1))
 
 
-def test_normalize_mask_clamps():
-    m = torch.tensor([[-0.5, 0.3], [1.7, 1.0]])
-    assert torch.equal(normalize_mask(m, 1), torch.tensor([[[0.0, 0.3], [1.0, 1.0]]]))
+@pytest.mark.parametrize("bad", [-0.5, 1.7, 1.0001])
+def test_normalize_mask_refuses_values_outside_0_1(bad):
+    m = torch.tensor([[0.0, 0.3], [bad, 1.0]])
+    with pytest.raises(InvalidInput, match=r"^mask: values must lie in \[0, 1\]"):
+        normalize_mask(m, 1)
+    assert torch.equal(normalize_mask(torch.tensor([[0.0, 0.3], [1.0, 1.0]]), 1), torch.tensor([[[0.0, 0.3], [1.0, 1.0]]]))
 
 
 @pytest.mark.parametrize(
@@ -254,3 +257,27 @@ def test_golden_masks(case_dir):
         assert torch.equal(to_latent(grown[:, 0], shape)[:, :1], t["latent_mask_mask"])
     elif "noise_mask_mask_hw_fixed" in t:  # non-square: only the corrected reference applies
         assert torch.equal(grown, t["noise_mask_mask_hw_fixed"])
+
+
+@pytest.mark.parametrize("mask_hw, latent_hw", [((512, 512), (64, 64)), ((516, 512), (64, 64)), ((768, 512), (96, 64)),
+                                               ((16, 16), (16, 16)), ((1, 1), (8, 8))])
+def test_masks_of_the_latents_aspect_ratio_fit_at_any_resolution(mask_hw, latent_hw):
+    check_mask_fits(torch.zeros(1, *mask_hw), (2, 4, *latent_hw))
+
+
+@pytest.mark.parametrize("mask_shape, latent_hw, words", [
+    ((1, 512, 1024), (64, 64), "aspect ratio"),
+    ((1, 16, 32), (16, 16), "aspect ratio"),
+    ((1, 96, 64), (64, 96), "aspect ratio"),  # height and width swapped
+    ((3, 64, 64), (64, 64), "batch 3"),
+])
+def test_masks_of_another_shape_are_refused(mask_shape, latent_hw, words):
+    with pytest.raises(InvalidInput, match=r"^mask: .*" + words):
+        check_mask_fits(torch.zeros(mask_shape), (2, 4, *latent_hw))
+
+
+def test_overlap_up_to_the_latents_longer_side_is_allowed():
+    check_overlap(24, 8, 24)
+    check_overlap(0, 8, 8)
+    with pytest.raises(InvalidInput, match=r"^overlap_factor: 25 is larger than the 8x24 latent"):
+        check_overlap(25, 8, 24)

@@ -255,13 +255,20 @@ def test_garbage_is_neither_image_nor_safetensors(tmp_path):
     ((2, 1, 3, 4), (2, 3, 4)),
 ])
 def test_safetensors_masks(tmp_path, shape, expected):
-    values = torch.linspace(-0.5, 1.5, int(np.prod(shape))).reshape(shape)
+    values = torch.linspace(0.0, 1.0, int(np.prod(shape))).reshape(shape)
     path = tmp_path / "m.safetensors"
     save_file({"anything": values}, path)
     mask = read_mask(path)
     assert mask.shape == expected
-    assert mask.min() == 0.0 and mask.max() == 1.0  # clamped
-    torch.testing.assert_close(mask.flatten(), values.clamp(0, 1).flatten())
+    torch.testing.assert_close(mask.flatten(), values.flatten())
+
+
+@pytest.mark.parametrize("low, high", [(-0.5, 1.0), (0.0, 1.5), (0.0, 255.0)])
+def test_safetensors_mask_values_outside_0_1_are_refused_not_clamped(tmp_path, low, high):
+    path = tmp_path / "m.safetensors"
+    save_file({"mask": torch.tensor([[low, 0.5], [0.25, high]])}, path)
+    with pytest.raises(InvalidFile, match=r"^mask: values must lie in \[0, 1\], found"):
+        read_mask(path)
 
 
 @pytest.mark.parametrize("tensors, words", [
