@@ -1,0 +1,214 @@
+"""Redis restarted in the middle of a run of jobs: workers reconnect, every job completes once.
+
+The broker and result backend is a redis-server of this test's own (tests/redis_server.py)
+with an append-only file fsynced on every write, so queued messages, unacknowledged
+deliveries and results survive the restart as in production. Two real Celery workers
+(prefork, -c 1) serve the `tiny` model with a 5 s lease (MASKFLEET_LEASE_SECONDS), so a
+job cancelled by the connection loss (worker_cancel_long_running_tasks_on_connection_loss)
+comes back to the queue a few seconds after Redis does (tasks/leases.py).
+
+A first batch is submitted; when two of its jobs are sampling and the rest wait in the
+queue, Redis is shut down for 3 s and started again on the same port; then a second
+batch is submitted. Every job of both batches must end SUCCESS with the reference
+output (all jobs share inputs and seed, so one in-process run gives the bytes each
+output must have), and none may complete twice: per job id, the workers' "succeeded"
+lines carry one distinct result (a second sampling would log other timings), and each
+output file keeps the inode and mtime it had when its job was first seen finished.
+"""
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+from golden_jobs import make_models_dir
+from redis_server import RedisServer
+from tiny_jobs import completions, deliveries, file_sha256, job_from, output_path, write_tiny_inputs
+
+from maskfleet.client import FINAL_STATES, _app, submit
+from maskfleet.job import parse_job
+from maskfleet.local_run import RunOptions, run_job
+from maskfleet.tasks.settings import model_queue
+from fleet_workers import Worker
+
+LEASE_S = 5
+STEPS = 40  # about 2 s of sampling per job on one CPU thread: long enough to be caught running
+FIRST_BATCH = 10
+SECOND_BATCH = 6
+DOWN_FOR_S = 3.0
+DEADLINE_S = 150.0
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    server = RedisServer(tmp_path, persistent=True).start()
+    url = server.url(0)
+    models = make_models_dir(tmp_path)
+    env = {"MASKFLEET_LEASE_SECONDS": str(LEASE_S), "MASKFLEET_TORCH_THREADS": "1"}
+    workers = []
+    app = _app(url)
+    try:
+        for name in ("redis-a", "redis-b"):
+            workers.append(Worker(name, [model_queue("tiny")], url, models, tmp_path / f"{name}.log", env))
+        for worker in workers:
+            worker.wait_ready(app)
+        yield {"server": server, "url": url, "app": app, "workers": workers, "root": tmp_path, "models": models}
+    finally:
+        for worker in workers:
+            worker.stop()
+        server.stop()
+
+
+def reference_sha256(template: dict, path: Path, models: Path) -> str:
+    """The output every job must have, from an in-process run on one thread as the workers use."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_job(parse_job(job_from(template, "reference", path)), RunOptions(str(models), "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    return file_sha256(path)
+
+
+def reconnect_gaps(logs: list[Path]) -> list[float]:
+    """Seconds from each worker's 'Connection to broker lost' to its next 'Connected to' line."""
+    stamp = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): \w+/MainProcess\] (.*)$", re.M)
+    gaps = []
+    for log in logs:
+        lost_at = None
+        for when, message in stamp.findall(log.read_text(errors="replace")):
+            t = datetime.strptime(when, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            if "Connection to broker lost" in message:
+                lost_at = t
+            elif message.startswith("Connected to") and lost_at is not None:
+                gaps.append(round(t - lost_at, 1))
+                lost_at = None
+    return gaps
+
+
+def states(handles) -> dict[str, str]:
+    """State of each job; None for those whose state Redis could not tell right now."""
+    found = {}
+    for handle in handles:
+        try:
+            found[handle.task_id] = handle.status()["state"]
+        except (redis.RedisError, OSError):
+            found[handle.task_id] = None
+    return found
+
+
+def test_redis_restart_mid_run_every_job_completes_once(fleet):
+    root, url, app, server, workers = fleet["root"], fleet["url"], fleet["app"], fleet["server"], fleet["workers"]
+    template = write_tiny_inputs(root / "inputs", size=16)
+    template["steps"] = STEPS
+    (root / "out").mkdir()
+    expected_sha = reference_sha256(template, root / "reference.latent", fleet["models"])
+
+    stamp = time.time_ns()
+    jobs = [job_from(template, f"before-{stamp}-{i:02d}", root / "out" / f"before{i:02d}.latent")
+            for i in range(FIRST_BATCH)]
+    handles = [submit(job, broker_url=url) for job in jobs]
+    assert all(h.submitted for h in handles)
+
+    # Wait for both workers to be running a job (one at least sampling) while the others wait in the queue.
+    end = time.monotonic() + 120
+    while True:
+        now = states(handles)
+        running = [t for t, s in now.items() if s in ("STARTED", "PROGRESS")]
+        sampling = [t for t, s in now.items() if s == "PROGRESS"]
+        if (len(running) >= 2 and sampling) or time.monotonic() > end:
+            break
+        time.sleep(0.05)
+    queued = [t for t, s in now.items() if s == "PENDING"]
+    assert len(sampling) >= 1 and len(queued) >= 3, now
+    unacked_before = server.client().hlen("unacked")
+    assert unacked_before >= 1
+
+    down_at = time.monotonic()
+    server.restart(down_for=DOWN_FOR_S)
+    up_at = time.monotonic()
+    # The AOF kept the queue and the unacknowledged deliveries.
+    assert server.client().hlen("unacked") == unacked_before
+    assert server.client().llen(model_queue("tiny")) >= len(queued) - 2
+
+    # Workers reconnect: each answers a ping over the restarted broker.
+    names = [w.name for w in workers]
+    answered: set[str] = set()
+    end = time.monotonic() + 60
+    while answered != set(names) and time.monotonic() < end:
+        try:
+            for reply in app.control.ping(destination=names, timeout=0.5):
+                answered.update(reply)
+        except (redis.RedisError, OSError):
+            pass
+    reconnected_s = time.monotonic() - up_at
+    assert answered == set(names), f"not reconnected after 60 s: {set(names) - answered}"
+
+    later = [job_from(template, f"after-{stamp}-{i:02d}", root / "out" / f"after{i:02d}.latent")
+             for i in range(SECOND_BATCH)]
+    later_handles = [submit(job, broker_url=url) for job in later]
+    assert all(h.submitted for h in later_handles)
+    jobs += later
+    handles += later_handles
+
+    # Every job ends; note each output's identity when its job is first seen finished.
+    first_seen: dict[str, tuple[int, int]] = {}
+    finished_at: dict[str, float] = {}
+    end = time.monotonic() + DEADLINE_S
+    while time.monotonic() < end:
+        now = states(handles)
+        for job in jobs:
+            if now[job["job_id"]] in FINAL_STATES and job["job_id"] not in first_seen:
+                st = output_path(job).stat() if output_path(job).exists() else None
+                first_seen[job["job_id"]] = (st.st_ino, st.st_mtime_ns) if st else (0, 0)
+                finished_at[job["job_id"]] = time.monotonic()
+        if len(first_seen) == len(jobs):
+            break
+        time.sleep(0.1)
+    assert len(first_seen) == len(jobs), {t: s for t, s in states(handles).items() if t not in first_seen}
+    all_done_s = time.monotonic() - up_at
+
+    # Nothing left that could be delivered again: queue empty, no unacknowledged delivery.
+    broker = server.client()
+    end = time.monotonic() + 30
+    while (broker.hlen("unacked") or broker.llen(model_queue("tiny"))) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert broker.hlen("unacked") == 0 and broker.llen(model_queue("tiny")) == 0
+
+    for handle, job in zip(handles, jobs):
+        status = handle.status()
+        assert status["state"] == "SUCCESS", status
+        assert status["meta"]["job_id"] == job["job_id"] and status["meta"]["sha256"] == expected_sha
+        out = output_path(job)
+        assert file_sha256(out) == expected_sha
+        assert (out.stat().st_ino, out.stat().st_mtime_ns) == first_seen[job["job_id"]], job["job_id"]
+
+    # Workers kept running through the outage (no restart of their process).
+    for worker in workers:
+        assert worker.proc.poll() is None, worker.log.read_text()[-3000:]
+
+    logs = [w.log for w in workers]
+    done = completions(logs)
+    received = deliveries(logs)
+    runs = {job["job_id"]: len(set(done.get(job["job_id"], []))) for job in jobs}
+    assert runs == {job["job_id"]: 1 for job in jobs}, {t: done.get(t) for t, n in runs.items() if n != 1}
+    redelivered = {t: n for t, n in received.items() if n > 1}
+    replayed = {t: len(r) for t, r in done.items() if len(r) > 1}
+    text = "\n".join(log.read_text(errors="replace") for log in logs)
+    lost = text.count("Connection to broker lost")
+    cancelled = text.count("Terminating it instead")
+    gaps = reconnect_gaps(logs)
+    first_after = min(finished_at[h.task_id] for h in later_handles) - up_at
+    report = (f"redis down {up_at - down_at:.1f} s; both workers answered ping {reconnected_s:.1f} s after Redis "
+              f"was back; first post-restart job finished after {first_after:.1f} s; all {len(jobs)} jobs done "
+              f"{all_done_s:.1f} s after restart; running at restart {len(running)} (sampling {len(sampling)}), queued {len(queued)}; "
+              f"broker-lost log lines {lost}, jobs terminated on connection loss {cancelled}; worker log from broker lost to connected again {gaps} s; redelivered {redelivered}; "
+              f"succeeded lines replayed from the done record {replayed}")
+    print(report)
+    (root / "fault_redis_report.txt").write_text(report + "\n")
+    # Each worker saw the connection drop and came back (the outage really reached them).
+    assert all("Connection to broker lost" in log.read_text(errors="replace") for log in logs)
