@@ -4,6 +4,7 @@ Docker and a cluster are not available here; these checks keep the files honest.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -200,7 +201,111 @@ def test_queue_depth_exporter_matches_the_scaled_object():
     assert [p["targetPort"] for p in find("Service", "maskfleet-queue-depth")["spec"]["ports"]] == [port]
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
-    (env,) = container["env"]
-    assert env["name"] == "MASKFLEET_BROKER_URL"
-    ref = env["valueFrom"]["configMapKeyRef"]
-    assert ref["name"] == "maskfleet-config" and ref["key"] in find("ConfigMap", "maskfleet-config")["data"]
+    assert broker_url_sources(container) == ["maskfleet-config", "maskfleet-secrets"]
+
+
+# --- security: who the containers run as, and where the secrets go ---
+
+def broker_url_sources(container: dict) -> list[str]:
+    """Where a container's MASKFLEET_BROKER_URL comes from, lowest precedence first: ConfigMap and/or Secret names."""
+    sources = []
+    for src in container.get("envFrom", []):  # env overrides envFrom; later envFrom entries override earlier
+        if "configMapRef" in src and "MASKFLEET_BROKER_URL" in find("ConfigMap", src["configMapRef"]["name"])["data"]:
+            sources.append(src["configMapRef"]["name"])
+        if "secretRef" in src:
+            sources.append(src["secretRef"]["name"])
+    for env in container.get("env", []):
+        if env["name"] == "MASKFLEET_BROKER_URL":
+            ref = env["valueFrom"].get("secretKeyRef") or env["valueFrom"]["configMapKeyRef"]
+            assert ref["key"] == "MASKFLEET_BROKER_URL"
+            if "secretKeyRef" in env["valueFrom"]:
+                assert ref.get("optional") is True  # a Secret without it leaves the ConfigMap's URL
+            sources.append(ref["name"])
+    return sources
+
+
+def dockerfile_user() -> tuple[int, int]:
+    """The image's numeric USER uid:gid, checked to be created in the Dockerfile with those ids."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    (user,) = re.findall(r"^USER (\S+)", text, re.M)
+    match = re.fullmatch(r"(\d+):(\d+)", user)
+    assert match, f"USER {user}: numeric uid:gid, so runAsNonRoot can verify it from the image"
+    uid, gid = int(match[1]), int(match[2])
+    assert re.search(rf"groupadd --gid {gid} ", text) and re.search(rf"useradd .*--uid {uid} --gid {gid} ", text)
+    return uid, gid
+
+
+def test_image_runs_as_a_non_root_user():
+    uid, gid = dockerfile_user()
+    assert uid != 0 and gid != 0
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert text.rindex("USER ") > text.rindex("RUN ")  # nothing after it runs as root
+    home = re.search(r"useradd --create-home .* (\w+)$", text, re.M)[1]
+    for path in re.findall(r"(?:MASKFLEET_MODEL_CACHE|HF_HOME)=(\S+)", text):
+        assert path.startswith(f"/home/{home}/")  # caches are written under the user's home
+
+
+def test_dockerfile_user_check_catches_root(monkeypatch, tmp_path):
+    text = (DEPLOY / "Dockerfile").read_text()
+    (tmp_path / "Dockerfile").write_text(re.sub(r"^USER \S+", "USER maskfleet", text, flags=re.M))
+    monkeypatch.setattr(sys.modules[__name__], "DEPLOY", tmp_path)
+    with pytest.raises(AssertionError, match="numeric uid:gid"):
+        dockerfile_user()
+
+
+@pytest.mark.parametrize("name", ["maskfleet-worker", "maskfleet-flower", "maskfleet-queue-depth"])
+def test_pods_run_unprivileged(name):
+    """Non-root as the image's uid, no privilege escalation, no capabilities, read-only root filesystem."""
+    uid, gid = dockerfile_user()
+    pod = find("Deployment", name)["spec"]["template"]["spec"]
+    ctx = pod["securityContext"]
+    assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] == uid and ctx["runAsGroup"] == gid
+    assert ctx["seccompProfile"]["type"] == "RuntimeDefault"
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for container in pod["containers"]:
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
+        assert "privileged" not in sc and sc.get("runAsUser", uid) == uid
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        assert "/tmp" in mounts
+        assert all("emptyDir" in volumes[v] for v in mounts.values())  # the writable places, and only those
+
+
+def test_worker_writes_only_to_mounted_volumes():
+    """With a read-only root filesystem, the model caches must lie on a mounted volume."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    (container,) = find("Deployment", "maskfleet-worker")["spec"]["template"]["spec"]["containers"]
+    mounts = [m["mountPath"] for m in container["volumeMounts"]]
+    caches = re.findall(r"(?:MASKFLEET_MODEL_CACHE|HF_HOME)=(\S+)", text)
+    assert len(caches) == 2
+    for path in caches:
+        assert any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts), (path, mounts)
+
+
+def test_broker_url_can_come_from_the_secret():
+    """A broker URL with a password goes in the Secret (secret.yaml); every pod using the broker reads it from there."""
+    for d in k8s_docs():
+        if d["kind"] != "Deployment":
+            continue
+        for container in d["spec"]["template"]["spec"]["containers"]:
+            sources = broker_url_sources(container)
+            assert sources and sources[-1] == "maskfleet-secrets", (d["metadata"]["name"], sources)
+
+
+def test_only_the_worker_gets_the_storage_and_webhook_secrets():
+    for d in k8s_docs():
+        if d["kind"] != "Deployment":
+            continue
+        for container in d["spec"]["template"]["spec"]["containers"]:
+            whole_secret = any("secretRef" in src for src in container.get("envFrom", []))
+            assert whole_secret == (d["metadata"]["name"] == "maskfleet-worker"), d["metadata"]["name"]
+
+
+def test_compose_services_drop_privileges():
+    services = compose()["services"]
+    for name in ("worker", "flower"):
+        svc = services[name]
+        assert svc["image"] == "maskfleet-worker:latest"  # the non-root image
+        assert "user" not in svc and not svc.get("privileged", False)
+        assert "no-new-privileges:true" in svc["security_opt"] and svc["cap_drop"] == ["ALL"]
