@@ -90,8 +90,8 @@ class JobHandle:
             self.app.backend.mark_as_revoked(self.task_id, "cancelled")
 
 
-def submit(job: dict | Job, *, broker_url: str | None = None, queue: str | None = None) -> JobHandle:
-    """Validate `job` locally and send it; a job_id already submitted is not sent again.
+def submit(job: dict | str | bytes | Job, *, broker_url: str | None = None, queue: str | None = None) -> JobHandle:
+    """Validate `job` (a dict, JSON text or a Job) locally and send it; a job_id already submitted is not sent again.
 
     The task id is the job_id when there is one. `queue` overrides the route by model.
     JobError (a ValueError) names the field when the job is bad, its `time_limit` exceeds

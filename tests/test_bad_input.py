@@ -1,0 +1,499 @@
+"""Bad input, table-driven: every case through `maskfleet submit` and through the Python client.
+
+Each case names the field its error message must start with ("steps:", "mask:", ...)
+and where it is refused:
+
+- client: the producer refuses it before sending (pydantic validation, the callback
+  policy, `time_limit`). `maskfleet submit` exits 2 naming the field and the client's
+  `submit` raises JobError naming it; both are pointed at a queue nobody consumes, which
+  must stay empty: nothing was sent. The same document is then sent raw with
+  `send_task`, as a foreign producer would, and the worker must end it FAILURE with
+  InvalidJob naming the same field, so no check lives only in the client.
+- worker: only the worker can judge it (files, objects, models, tensors). `maskfleet
+  submit --wait` exits 2 and `JobHandle.wait` raises JobFailed; both jobs end FAILURE
+  with InvalidJob naming the field.
+- valid: an empty and a full mask are jobs like any other and SUCCEED; what each does is
+  checked against the sampling code (see test_* at the end and README "Running a job").
+
+Whatever a refused case's outcome, nothing is written: its output and preview do not
+exist afterwards, no file appears in the output folder, and no input changes. One real
+worker (celery prefork, model `tiny`) serves the module on a Redis DB of its own, set up
+as a deployment would be: MASKFLEET_ALLOWED_ROOTS, a callback allowlist and a
+MASKFLEET_MAX_JOB_SECONDS; the S3 cases use the session's moto server over HTTP.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import redis
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from fleet_workers import Worker, claim_db_url, flush, require_redis
+from golden_jobs import make_models_dir
+from maskfleet.cli import main
+from maskfleet.client import JobFailed, JobHandle, _app, submit
+from maskfleet.job import JobError
+from maskfleet.sampling import AdvancedSampler
+from maskfleet.sampling.comfy_call import JobRandomness, RegionMask, ScheduleCache, advanced_call
+from maskfleet.sampling.unet_denoiser import load_unet_denoiser
+from maskfleet.storage.file_uris import DEFAULT_MAX_INPUT_BYTES
+from maskfleet.tasks.redis_keys import submitted_key
+from maskfleet.tasks.settings import TASK_NAME, model_queue
+
+require_redis()
+
+TINY = model_queue("tiny")
+NOWHERE = "maskfleet.test.nobody-consumes"  # client-refused jobs are aimed here: it must stay empty
+ALLOWLIST = "localhost:8999"  # the only internal callback receiver this "deployment" allows
+MAX_JOB_SECONDS = 600
+WAIT_S = 120.0
+DELETE = object()  # a change that removes the field
+LATENT_SHAPE = (1, 4, 16, 16)
+WIDTH = 32  # the tiny UNet's cross_attention_dim
+
+
+class Inputs:
+    """The module's files and a fresh valid job per call; cases break one thing each."""
+
+    def __init__(self, root: Path, models: Path, bucket: str):
+        self.root, self.models, self.bucket = root, models, bucket
+        self.allowed = root / "allowed"  # the worker's MASKFLEET_ALLOWED_ROOTS
+        self.inp, self.out, self.outside = self.allowed / "in", self.allowed / "out", root / "outside"
+        for d in (self.inp, self.out, self.outside):
+            d.mkdir(parents=True)
+        self._ids = count()
+        gen = torch.Generator().manual_seed(0)
+        self.latent = torch.randn(LATENT_SHAPE, generator=gen)
+        self.write_latent("in.latent", self.latent)
+        square = torch.zeros(1, 64, 64)
+        square[:, 16:40, 20:48] = 1.0
+        self.tensor_file("mask.safetensors", mask=square)
+        self.cond = {k: torch.randn(1, 8, WIDTH, generator=gen) for k in ("pos_base", "neg_base", "pos_mask", "neg_mask")}
+        for key, value in self.cond.items():
+            self.tensor_file(f"{key}.safetensors", prompt_embeds=value)
+        save_file({"latent_tensor": self.latent, "latent_format_version_0": torch.tensor([])}, self.outside / "in.latent")
+
+    def uri(self, name: str) -> str:
+        return (self.inp / name).as_uri()
+
+    def write_latent(self, name: str, tensor: torch.Tensor) -> str:
+        save_file({"latent_tensor": tensor.contiguous(), "latent_format_version_0": torch.tensor([])}, self.inp / name)
+        return self.uri(name)
+
+    def tensor_file(self, name: str, **tensors: torch.Tensor) -> str:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, self.inp / name)
+        return self.uri(name)
+
+    def raw_file(self, name: str, data: bytes) -> str:
+        (self.inp / name).write_bytes(data)
+        return self.uri(name)
+
+    def job(self, changes: dict | None = None) -> dict:
+        """A valid 2-step job on the 1x4x16x16 latent with its own job_id, output and preview."""
+        n = next(self._ids)
+
+        def sampler(which: str, scheduler: str, cfg: float) -> dict:
+            return {"model": "tiny", "sampler_name": "euler", "scheduler": scheduler, "cfg": cfg,
+                    "positive": self.uri(f"pos_{which}.safetensors"), "negative": self.uri(f"neg_{which}.safetensors")}
+
+        job = {"job_id": f"bad-{n}-{time.time_ns()}", "seed": 7, "steps": 2, "denoise": 1.0, "overlap_factor": 2,
+               "latent": self.uri("in.latent"), "mask": self.uri("mask.safetensors"),
+               "base_sampler": sampler("base", "normal", 5.0), "mask_sampler": sampler("mask", "karras", 3.0),
+               "output": (self.out / f"{n}.latent").as_uri(), "preview": (self.out / f"{n}.png").as_uri()}
+        for path, value in (changes or {}).items():
+            *parents, last = path.split(".")
+            node = job
+            for p in parents:
+                node = node[p]
+            if value is DELETE:
+                del node[last]
+            else:
+                node[last] = value
+        return job
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    field: str | None  # what the error message starts with, before ":"; None for a valid job
+    where: str  # "client", "worker" or "valid"
+    make: Callable[[Inputs], dict | str]  # called once per path (CLI, client): a dict, or raw JSON text
+
+
+def change(**changes) -> Callable[[Inputs], dict]:
+    """A case that changes fields of the valid job (dotted names as keywords: use `__` for `.`)."""
+    return lambda i: i.job({k.replace("__", "."): v for k, v in changes.items()})
+
+
+def with_latent(tensor_or_bytes) -> Callable[[Inputs], dict]:
+    def make(i: Inputs) -> dict:
+        if isinstance(tensor_or_bytes, bytes):
+            return i.job({"latent": i.raw_file("case.latent", tensor_or_bytes)})
+        return i.job({"latent": i.write_latent("case.latent", tensor_or_bytes)})
+    return make
+
+
+def with_mask(tensor: torch.Tensor) -> Callable[[Inputs], dict]:
+    return lambda i: i.job({"mask": i.tensor_file("case-mask.safetensors", mask=tensor)})
+
+
+def with_cond(field: str, tensor: torch.Tensor) -> Callable[[Inputs], dict]:
+    return lambda i: i.job({field: i.tensor_file(f"case-{field}.safetensors", prompt_embeds=tensor)})
+
+
+def _with_nan(shape, value=float("nan")) -> torch.Tensor:
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    t.view(-1)[3] = value
+    return t
+
+
+def _truncated_latent(i: Inputs) -> dict:
+    data = (i.inp / "in.latent").read_bytes()
+    return i.job({"latent": i.raw_file("truncated.latent", data[: len(data) // 2])})
+
+
+class _RunsCode:
+    """Unpickling this creates a marker file: what a pickle sent as a latent could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _pickle_as_latent(suffix: str) -> Callable[[Inputs], dict]:
+    def make(i: Inputs) -> dict:
+        data = pickle.dumps({"latent_tensor": _RunsCode(i.root / "pickle-ran"), "shape": list(LATENT_SHAPE)})
+        return i.job({"latent": i.raw_file(f"evil{suffix}", data)})
+    return make
+
+
+def _over_the_cap(i: Inputs) -> dict:
+    path = i.inp / "huge-mask.safetensors"
+    with open(path, "wb") as f:  # sparse: one byte over the cap costs no disk
+        f.truncate(DEFAULT_MAX_INPUT_BYTES + 1)
+    return i.job({"mask": path.as_uri()})
+
+
+def _symlink_out_of_roots(i: Inputs) -> dict:
+    link = i.inp / "link.latent"
+    if not link.is_symlink():
+        link.symlink_to(i.outside / "in.latent")
+    return i.job({"latent": link.as_uri()})
+
+
+def _model_symlinked_outside(i: Inputs) -> dict:
+    link = i.models / "escape"
+    if not link.is_symlink():
+        link.symlink_to(i.outside, target_is_directory=True)
+    return i.job({"base_sampler.model": "escape"})
+
+
+def _preview_over_png_mask(i: Inputs) -> dict:
+    Image.new("L", (64, 64), 0).save(i.inp / "mask.png")
+    return i.job({"mask": i.uri("mask.png"), "preview": i.uri("mask.png")})
+
+
+def _missing_s3_object(i: Inputs) -> dict:
+    return i.job({"latent": f"s3://{i.bucket}/nothing-here.latent"})
+
+
+def _callback(url: str) -> Callable[[Inputs], dict]:
+    return change(callback={"url": url})
+
+
+FULL, EMPTY = torch.ones(1, 64, 64), torch.zeros(1, 64, 64)
+
+CASES = [
+    # -- refused by the client before sending (and by the worker when sent raw) --
+    Case("malformed JSON", "job", "client", lambda i: '{"seed": 7, "steps": '),
+    Case("JSON that is not an object", "job", "client", lambda i: "[1, 2, 3]"),
+    Case("unknown field", "colour", "client", change(colour="red")),
+    Case("unknown sampler field", "base_sampler.strength", "client", change(base_sampler__strength=0.5)),
+    Case("missing field", "latent", "client", change(latent=DELETE)),
+    Case("missing sampler field", "mask_sampler.scheduler", "client", change(mask_sampler__scheduler=DELETE)),
+    Case("wrong type: steps as text", "steps", "client", change(steps="twenty")),
+    Case("wrong type: fractional seed", "seed", "client", change(seed=1.5)),
+    Case("wrong type: latent as a number", "latent", "client", change(latent=5)),
+    Case("wrong type: sampler as a list", "base_sampler", "client", change(base_sampler=["tiny", "euler"])),
+    Case("steps 0", "steps", "client", change(steps=0)),
+    Case("steps above the maximum", "steps", "client", change(steps=10001)),
+    Case("denoise 0", "denoise", "client", change(denoise=0)),
+    Case("denoise above 1", "denoise", "client", change(denoise=1.5)),
+    Case("negative overlap", "overlap_factor", "client", change(overlap_factor=-1)),
+    Case("unknown sampler", "base_sampler.sampler_name", "client", change(base_sampler__sampler_name="euler_turbo")),
+    Case("unknown scheduler", "mask_sampler.scheduler", "client", change(mask_sampler__scheduler="cosine")),
+    Case("model name with path traversal", "base_sampler.model", "client", change(base_sampler__model="../tiny")),
+    Case("model name as an absolute path", "mask_sampler.model", "client", change(mask_sampler__model="/etc/passwd")),
+    Case("seed below 0", "seed", "client", change(seed=-1)),
+    Case("seed above 2**64 - 1", "seed", "client", change(seed=2**64)),
+    Case("negative cfg", "base_sampler.cfg", "client", change(base_sampler__cfg=-1.0)),
+    Case("unknown mode", "mode", "client", change(mode="exact")),
+    Case("job_id with a slash and a space", "job_id", "client", change(job_id="../x y")),
+    Case("empty latent URI", "latent", "client", change(latent="")),
+    Case("prompt with an unknown key", "base_sampler.positive.weight", "client",
+         change(base_sampler__positive={"prompt": "a house", "weight": 2})),
+    Case("callback to 169.254.169.254", "callback.url", "client", _callback("http://169.254.169.254/latest/meta-data/")),
+    Case("callback to localhost", "callback.url", "client", _callback("http://localhost/hook")),
+    Case("callback to an allowlisted host on another port", "callback.url", "client", _callback("http://localhost:9000/hook")),
+    Case("callback to a private host outside the allowlist", "callback.url", "client", _callback("http://10.20.30.40:8080/hook")),
+    Case("callback that is not http(s)", "callback.url", "client", _callback("file:///etc/passwd")),
+    Case("time_limit above MASKFLEET_MAX_JOB_SECONDS", "time_limit", "client", change(time_limit=MAX_JOB_SECONDS + 1)),
+    Case("time_limit 0", "time_limit", "client", change(time_limit=0)),
+    # -- only the worker can judge these: files, objects, models and tensors --
+    Case("unknown model", "base_sampler.model", "worker", change(base_sampler__model="nosuchmodel")),
+    Case("model name with '..' inside", "mask_sampler.model", "worker", change(mask_sampler__model="tiny..x")),
+    Case("model symlinked out of the store", "base_sampler.model", "worker", _model_symlinked_outside),
+    Case("latent of rank 3", "latent", "worker", with_latent(torch.zeros(4, 16, 16))),
+    Case("latent with 3 channels (the model takes 4)", "latent", "worker", with_latent(torch.zeros(1, 3, 16, 16))),
+    Case("latent of integer dtype", "latent", "worker", with_latent(torch.zeros(LATENT_SHAPE, dtype=torch.int64))),
+    Case("empty latent tensor", "latent", "worker", with_latent(torch.zeros(1, 4, 0, 16))),
+    Case("NaN in the latent", "latent", "worker", with_latent(_with_nan(LATENT_SHAPE))),
+    Case("Inf in the latent", "latent", "worker", with_latent(_with_nan(LATENT_SHAPE, float("inf")))),
+    Case("NaN in conditioning", "mask_sampler.negative", "worker", with_cond("mask_sampler.negative", _with_nan((1, 8, WIDTH)))),
+    Case("Inf in conditioning", "base_sampler.positive", "worker",
+         with_cond("base_sampler.positive", _with_nan((1, 8, WIDTH), float("-inf")))),
+    Case("conditioning of the wrong width", "base_sampler.positive", "worker", with_cond("base_sampler.positive", torch.zeros(1, 8, 16))),
+    Case("conditioning of rank 4", "mask_sampler.positive", "worker", with_cond("mask_sampler.positive", torch.zeros(1, 1, 8, WIDTH))),
+    Case("mask of another aspect ratio", "mask", "worker", with_mask(torch.zeros(1, 64, 128))),
+    Case("mask batch 3 for a latent batch of 1", "mask", "worker", with_mask(torch.zeros(3, 64, 64))),
+    Case("mask with values above 1", "mask", "worker", with_mask(torch.full((1, 64, 64), 255.0))),
+    Case("mask with negative values", "mask", "worker", with_mask(torch.full((1, 64, 64), -0.25))),
+    Case("NaN in the mask", "mask", "worker", with_mask(_with_nan((1, 64, 64)))),
+    Case("mask that is neither image nor safetensors", "mask", "worker",
+         lambda i: i.job({"mask": i.raw_file("garbage.png", b"GIF89a? not really")})),
+    Case("overlap larger than the latent", "overlap_factor", "worker", change(overlap_factor=17)),
+    Case("missing latent file", "latent", "worker", lambda i: i.job({"latent": i.uri("no-such.latent")})),
+    Case("missing conditioning file", "mask_sampler.negative", "worker",
+         lambda i: i.job({"mask_sampler.negative": i.uri("no-such.safetensors")})),
+    Case("missing S3 object", "latent", "worker", _missing_s3_object),
+    Case("missing S3 bucket", "mask", "worker", change(mask="s3://mf-no-such-bucket-7f3a/mask.safetensors")),
+    Case("S3 URI with an invalid bucket name", "mask", "worker", change(mask="s3://Not_A_Bucket!/mask.safetensors")),
+    Case("truncated safetensors", "latent", "worker", _truncated_latent),
+    Case("pickle disguised as .latent", "latent", "worker", _pickle_as_latent(".latent")),
+    Case("pickle named .pt", "latent", "worker", _pickle_as_latent(".pt")),
+    Case("file over the size cap", "mask", "worker", _over_the_cap),
+    Case("file:// outside the allowed roots", "latent", "worker", lambda i: i.job({"latent": (i.outside / "in.latent").as_uri()})),
+    Case("symlink out of the allowed roots", "latent", "worker", _symlink_out_of_roots),
+    Case("output outside the allowed roots", "output", "worker",
+         lambda i: i.job({"output": (i.outside / f"out-{time.time_ns()}.latent").as_uri(), "preview": DELETE})),
+    Case("http:// input URI", "latent", "worker", change(latent="http://example.com/in.latent")),
+    Case("file:// URI naming another host", "mask", "worker", change(mask="file://fileserver/share/mask.png")),
+    Case("output equal to an input", "output", "worker", lambda i: i.job({"output": i.uri("in.latent")})),
+    Case("preview equal to an input", "preview", "worker", _preview_over_png_mask),
+    Case("output with an unsupported suffix", "output", "worker", lambda i: i.job({"output": (i.out / "x.png").as_uri()})),
+    Case("preview that is not .png", "preview", "worker", lambda i: i.job({"preview": (i.out / "x.jpg").as_uri()})),
+    # -- valid: one sampler does all the work --
+    Case("empty mask", None, "valid", with_mask(EMPTY)),
+    Case("full mask", None, "valid", with_mask(FULL)),
+]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, s3_server):
+    root = tmp_path_factory.mktemp("bad-input")
+    url = claim_db_url()
+    flush(url)
+    env = pytest.MonkeyPatch()
+    settings = {"MASKFLEET_CALLBACK_ALLOWLIST": ALLOWLIST, "MASKFLEET_MAX_JOB_SECONDS": str(MAX_JOB_SECONDS)}
+    for name, value in settings.items():  # the client reads both when it submits
+        env.setenv(name, value)
+    inputs = Inputs(root, make_models_dir(root), s3_server.make_bucket())
+    worker = Worker("bad-input", [TINY], url, inputs.models, root / "worker.log",
+                    extra_env={**settings, "MASKFLEET_ALLOWED_ROOTS": str(inputs.allowed), "MASKFLEET_TORCH_THREADS": "1"})
+    app = _app(url)
+    try:
+        worker.wait_ready(app)
+        yield {"url": url, "app": app, "inputs": inputs, "worker": worker, "redis": redis.Redis.from_url(url)}
+    finally:
+        worker.stop()
+        env.undo()
+        flush(url)
+
+
+def _write_job(fleet, doc: dict | str, name: str) -> Path:
+    path = fleet["inputs"].root / "jobs" / f"{name}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    return path
+
+
+def _cli(fleet, capsys, doc: dict | str, name: str, queue: str, wait: bool) -> tuple[int, str, str]:
+    argv = ["submit", str(_write_job(fleet, doc, name)), "--broker", fleet["url"], "--queue", queue]
+    if wait:
+        argv += ["--wait", "--timeout", str(WAIT_S)]
+    capsys.readouterr()
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file() and not p.is_symlink()}
+
+
+def _written(doc: dict | str) -> list[Path]:
+    """The local files a job document would write."""
+    if not isinstance(doc, dict):
+        return []
+    uris = [doc.get("output"), doc.get("preview")]
+    return [Path(u[len("file://"):]) for u in uris if isinstance(u, str) and u.startswith("file://")]
+
+
+def _assert_worker_refused(handle: JobHandle, field: str, fleet) -> None:
+    try:
+        handle.wait(WAIT_S, poll=0.05)
+    except JobFailed as failed:
+        assert failed.state == "FAILURE", failed
+        assert failed.message.startswith(f"{field}:"), failed.message
+    else:
+        raise AssertionError(f"{handle.task_id} succeeded; expected a FAILURE naming {field}")
+    meta = handle.status()["meta"]
+    assert meta["error"] == "InvalidJob", (meta, fleet["worker"].log.read_text()[-3000:])
+    assert meta["message"].startswith(f"{field}:"), meta
+
+
+def _run_refused(fleet, capsys, case: Case, slug: str) -> None:
+    inputs: Inputs = fleet["inputs"]
+    docs = {"cli": case.make(inputs), "client": case.make(inputs)}
+    before_out, before_in = _files(inputs.out), _files(inputs.inp)
+    targets = {path: path.exists() for doc in docs.values() for path in _written(doc)}  # inputs, for the overwrite cases
+    r = fleet["redis"]
+    if case.where == "client":
+        code, out, err = _cli(fleet, capsys, docs["cli"], f"{slug}-cli", NOWHERE, wait=False)
+        assert code == 2 and out == "", (code, out, err)
+        assert err.startswith(f"maskfleet: invalid job: {case.field}:"), err
+        with pytest.raises(JobError) as refused:
+            submit(docs["client"], broker_url=fleet["url"], queue=NOWHERE)
+        assert str(refused.value).startswith(f"{case.field}:"), str(refused.value)
+        assert r.llen(NOWHERE) == 0 and not r.keys(f"{NOWHERE}*"), "a refused job reached the broker"
+        for doc in docs.values():
+            if isinstance(doc, dict) and isinstance(doc.get("job_id"), str):
+                assert not r.exists(submitted_key(doc["job_id"]))
+        # A foreign producer skips the client: the worker refuses the same document itself.
+        sent = fleet["app"].send_task(TASK_NAME, args=[docs["client"]], task_id=f"raw-{slug}-{time.time_ns()}", queue=TINY)
+        _assert_worker_refused(JobHandle(sent.id, fleet["app"]), case.field, fleet)
+    else:
+        code, out, err = _cli(fleet, capsys, docs["cli"], f"{slug}-cli", TINY, wait=True)
+        assert code == 2 and out == "", (code, out, err)
+        job_id = docs["cli"]["job_id"]
+        assert f"maskfleet: job {job_id} FAILURE: {case.field}:" in err, err
+        _assert_worker_refused(JobHandle(job_id, fleet["app"]), case.field, fleet)
+        _assert_worker_refused(submit(docs["client"], broker_url=fleet["url"], queue=TINY), case.field, fleet)
+    for path, existed in targets.items():
+        assert path.exists() == existed, f"{path} written by a refused job"
+    assert _files(inputs.out) == before_out, "a refused job left a file in the output folder"
+    assert _files(inputs.inp) == before_in, "a refused job changed an input"
+    assert not (inputs.root / "pickle-ran").exists(), "a pickle was loaded"
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.where != "valid"], ids=lambda c: _slug(c.name))
+def test_bad_input_is_refused_naming_the_field_and_writes_nothing(fleet, capsys, case):
+    _run_refused(fleet, capsys, case, _slug(case.name))
+
+
+def test_the_table_covers_the_issue_and_more_than_40_cases():
+    assert len(CASES) >= 40
+    assert len({c.name for c in CASES}) == len(CASES)
+    assert {c.where for c in CASES} == {"client", "worker", "valid"}
+
+
+def test_a_job_sent_to_the_unconsumed_queue_would_be_seen(fleet):
+    """The 'nothing was sent' check can fail: a valid job aimed at NOWHERE does land there."""
+    handle = submit(fleet["inputs"].job(), broker_url=fleet["url"], queue=NOWHERE)
+    r = fleet["redis"]
+    try:
+        assert r.llen(NOWHERE) == 1
+    finally:
+        r.delete(NOWHERE)
+        fleet["app"].backend.forget(handle.task_id)
+
+
+def _run_valid(fleet, capsys, docs: dict[str, dict]) -> dict[str, dict]:
+    """Both paths on a valid job; the results and the outputs read back."""
+    code, out, err = _cli(fleet, capsys, docs["cli"], f"valid-{docs['cli']['job_id']}", TINY, wait=True)
+    assert code == 0, (err, fleet["worker"].log.read_text()[-3000:])
+    results = {"cli": json.loads(out)}
+    results["client"] = submit(docs["client"], broker_url=fleet["url"], queue=TINY).wait(WAIT_S, poll=0.05)
+    for via, result in results.items():
+        path = Path(result["output"][len("file://"):])
+        assert path.is_file() and Path(docs[via]["preview"][len("file://"):]).is_file()
+        result["latent"] = load_file(path)["latent_tensor"]
+        assert result["shape"] == list(LATENT_SHAPE) and torch.isfinite(result["latent"]).all()
+    return results
+
+
+def _plain_run(inputs: Inputs, which: str, cfg: float, scheduler: str) -> torch.Tensor:
+    """One sampler alone over the whole latent: one KSamplerAdvanced call over the job's 2 steps."""
+    den = load_unet_denoiser(inputs.models / "tiny")
+    sampler = AdvancedSampler(den, cfg, "euler", scheduler, inputs.cond[f"pos_{which}"], inputs.cond[f"neg_{which}"])
+    x = inputs.latent * den.latent_scale
+    whole = RegionMask.of(torch.ones_like(x))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker (MASKFLEET_TORCH_THREADS=1): the same kernels, the same rounding
+    try:
+        return advanced_call(sampler, x, whole, 2, 0, 2, True, False, JobRandomness(7), ScheduleCache()) / den.latent_scale
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_empty_mask_the_base_sampler_does_everything(fleet, capsys):
+    """Empty mask (all 0): the base region is the whole latent and the mask sampler's is empty.
+
+    The mask sampler's model is never consulted (its calls see an all-zero region), and
+    with a deterministic step rule (euler here) its calls return their input unchanged:
+    the output is bitwise a plain run of the base sampler, whatever the mask sampler's
+    cfg or conditioning.
+    """
+    inputs: Inputs = fleet["inputs"]
+    make = with_mask(EMPTY)
+    docs = {"cli": make(inputs), "client": make(inputs)}
+    docs["client"]["mask_sampler"].update(cfg=1.5, positive=docs["client"]["base_sampler"]["positive"])
+    results = _run_valid(fleet, capsys, docs)
+    assert results["cli"]["sha256"] == results["client"]["sha256"]
+    assert torch.equal(results["cli"]["latent"], _plain_run(inputs, "base", 5.0, "normal"))
+
+
+def test_full_mask_the_mask_sampler_does_all_the_denoising(fleet, capsys):
+    """Full mask (all 1): the base region is empty, the mask sampler's is the whole latent.
+
+    The base sampler's model, cfg and conditioning are never consulted: its first call
+    only adds the seeded noise (stepped one step down by its step rule, as inside the
+    mask of every job), and the mask sampler denoises everything. So the output does
+    not change with the base's cfg or conditioning, and it is not the input.
+    """
+    inputs: Inputs = fleet["inputs"]
+    make = with_mask(FULL)
+    docs = {"cli": make(inputs), "client": make(inputs)}
+    docs["client"]["base_sampler"].update(cfg=1.5, positive=docs["client"]["mask_sampler"]["positive"],
+                                          negative=docs["client"]["mask_sampler"]["positive"])
+    results = _run_valid(fleet, capsys, docs)
+    assert results["cli"]["sha256"] == results["client"]["sha256"]
+    assert not torch.allclose(results["cli"]["latent"], inputs.latent)
+    # The mask sampler's settings do matter: another cfg there gives another latent.
+    other = make(inputs)
+    other["mask_sampler"]["cfg"] = 1.5
+    assert submit(other, broker_url=fleet["url"], queue=TINY).wait(WAIT_S, poll=0.05)["sha256"] != results["cli"]["sha256"]
+
+
+def test_worker_still_serves_good_jobs_after_the_table(fleet):
+    """After every refusal above, the same worker runs a valid job (it never got stuck or died)."""
+    result = submit(fleet["inputs"].job(), broker_url=fleet["url"], queue=TINY).wait(WAIT_S, poll=0.05)
+    assert result["shape"] == list(LATENT_SHAPE)
+    assert fleet["worker"].proc.poll() is None
+    assert os.path.exists(result["output"][len("file://"):])
