@@ -224,6 +224,13 @@ def runs(fleet):
     return out
 
 
+def test_leak_detector_finds_each_secret():
+    for name, form in SECRET_FORMS.items():
+        expected = [name, "webhook secret base64"] if name == "webhook secret" else [name]  # whsec_ + the base64
+        assert leaked(b"log line " + form + b" more") == expected
+    assert leaked("nothing here") == []
+
+
 # --- the jobs themselves ---
 
 def test_jobs_end_as_expected(fleet, runs):
@@ -304,6 +311,19 @@ def test_callback_query_is_not_logged(fleet, runs, kind):
     assert retries, text[-3000:]
     assert all(f"http://127.0.0.1:{fleet['hook'].port}/hook" in line for line in retries)
     assert CALLBACK_TOKEN not in text and "token=" not in text
+    assert all(path.endswith(f"?token={CALLBACK_TOKEN}") for path, _, _ in fleet["hook"].requests)  # it was there to leak
+
+
+def test_remote_control_replies_hold_no_secret(fleet):
+    """What anyone on the broker can ask a worker (Flower does): its configuration, stats and bug report."""
+    for worker in fleet["workers"].values():
+        inspect = fleet["app"].control.inspect(destination=[worker.name], timeout=10)
+        replies = {"conf": inspect.conf(with_defaults=True), "stats": inspect.stats(), "report": inspect.report()}
+        for what, reply in replies.items():
+            assert reply and worker.name in reply, (what, reply)
+            assert leaked(json.dumps(reply, default=str)) == [], what
+        assert replies["conf"][worker.name]["broker_url"] == f"redis://:********@127.0.0.1:{fleet['server'].port}/0"
+        assert replies["stats"][worker.name]["broker"]["port"] == fleet["server"].port
 
 
 # --- signatures ---
@@ -357,7 +377,7 @@ def test_wrong_password_is_refused_and_nothing_is_queued(fleet):
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "client.submit without a job_id reaches Redis first through Celery's result-backend pubsub, "
     "which retries AUTH 20 times (~20 s) and raises RuntimeError('Retry limit exceeded ...'): "
-    "fix in client.submit, ping the backend before sending"))
+    "fix in client.submit: claim a generated task id as it claims a job_id (redis-py first, AUTH fails at once)"))
 def test_wrong_password_without_job_id_is_a_clear_error(fleet):
     bad_url = fleet["url"].replace(REDIS_PASSWORD, "wrong" + secrets.token_hex(4))
     conn = fleet["server"].client()
