@@ -30,12 +30,17 @@ def normalize_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
         mask = mask[None]
     if mask.ndim != 3:
         raise InvalidInput("mask", f"expected shape [H, W] or [B, H, W], got {list(mask.shape)}")
-    if mask.shape[0] not in (1, batch):
-        raise InvalidInput("mask", f"mask batch {mask.shape[0]} does not match latent batch {batch} (use 1 or {batch})")
+    _check_batch(mask, batch, "mask")
     if not torch.isfinite(mask).all():
         raise InvalidInput("mask", "contains NaN or infinite values")
     check_mask_values(mask)
     return mask.float()
+
+
+def _check_batch(mask: torch.Tensor, batch: int, field: str) -> None:
+    if mask.shape[0] not in (1, batch):
+        use = "1" if batch == 1 else f"1 or {batch}"
+        raise InvalidInput(field, f"mask batch {mask.shape[0]} does not match latent batch {batch} (use {use})")
 
 
 def check_mask_values(mask: torch.Tensor, field: str = "mask") -> None:
@@ -54,8 +59,7 @@ def check_mask_fits(mask: torch.Tensor, latent_shape: torch.Size | tuple[int, ..
     (a 516x512 image over a 64x64 latent is fine; a 512x1024 mask over it is not).
     """
     b, _, h, w = latent_shape
-    if mask.shape[0] not in (1, b):
-        raise InvalidInput(field, f"mask batch {mask.shape[0]} does not match latent batch {b} (use 1 or {b})")
+    _check_batch(mask, b, field)
     mh, mw = mask.shape[-2], mask.shape[-1]
     if abs(mh * w / mw - h) > 1.0 or abs(mw * h / mh - w) > 1.0:
         raise InvalidInput(
