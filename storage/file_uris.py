@@ -122,9 +122,11 @@ def read_bytes(path: Path, field: str, max_bytes: int = DEFAULT_MAX_INPUT_BYTES)
             field, f"{path} is {info.st_size} bytes, over the {max_bytes}-byte input cap")
     try:
         with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
+            # Read what stat() saw (+1 byte to notice growth), not up to the cap: read(n)
+            # reserves n bytes first, a gigabyte per input against the worker's memory limit.
+            data = f.read(info.st_size + 1)
     except OSError as e:
         raise InvalidFile(field, f"cannot read {path}: {e.strerror}") from None
-    if len(data) > max_bytes:  # the file grew after stat()
-        raise InvalidFile(field, f"{path} is over the {max_bytes}-byte input cap")
+    if len(data) > info.st_size:  # the file grew after stat(): being written, not an input yet
+        raise InvalidFile(field, f"{path} changed while it was read")
     return data
