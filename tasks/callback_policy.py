@@ -52,6 +52,9 @@ def check_callback_url(url: str, allowlist: list[str] | None = None) -> None:
     host = (parts.hostname or "").lower()
     if not host:
         raise ValueError(f"callback.url: {url!r} has no host")
+    if parts.username is not None or parts.password is not None:
+        # urllib would take "user:pw@host" for the host name: never deliverable.
+        raise ValueError("callback.url: user:password@ is not supported; put a token in the path or query")
     try:
         port = parts.port or DEFAULT_PORTS[scheme]
     except ValueError as exc:  # a port that is not a number or out of range

@@ -438,13 +438,10 @@ def test_client_does_not_unpickle_a_stored_result(fleet):
     assert not marker.exists()
 
 
-# --- known gaps (strict xfail: they turn into failures once fixed, so the mark gets removed) ---
+# --- callback URLs ---
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "callback_policy.check_callback_url accepts http://user:pw@host/...: urllib takes 'user:pw@host' for the "
-    "host name, so every delivery fails DNS and is retried for up to a minute, holding up that process's "
-    "later webhooks; refuse userinfo (parts.username/password) with a 'callback.url:' error"))
 def test_callback_url_with_credentials_is_refused():
+    """urllib would take 'user:pw@host' for the host name: such a URL could never be delivered."""
     from maskfleet.tasks.callback_policy import check_callback_url
 
     with pytest.raises(ValueError, match=r"^callback\.url: "):
