@@ -36,9 +36,9 @@ from maskfleet.tasks.settings import model_queue
 from fleet_workers import Worker
 
 LEASE_S = 5
-STEPS = 40  # about 2 s of sampling per job on one CPU thread: long enough to be caught running
-FIRST_BATCH = 10
-SECOND_BATCH = 6
+STEPS = 16  # about 1 s of sampling per job on one CPU thread (more on a busy machine): caught running
+FIRST_BATCH = 8
+SECOND_BATCH = 4
 DOWN_FOR_S = 3.0
 DEADLINE_S = 150.0
 
@@ -48,7 +48,7 @@ def fleet(tmp_path):
     server = RedisServer(tmp_path, persistent=True).start()
     url = server.url(0)
     models = make_models_dir(tmp_path)
-    env = {"MASKFLEET_LEASE_SECONDS": str(LEASE_S), "MASKFLEET_TORCH_THREADS": "1"}
+    env = {"MASKFLEET_LEASE_SECONDS": str(LEASE_S), "MASKFLEET_TORCH_THREADS": "1", "MASKFLEET_METRICS_PORT": "0"}
     workers = []
     app = _app(url)
     try:
@@ -124,16 +124,16 @@ def test_redis_restart_mid_run_every_job_completes_once(fleet):
             break
         time.sleep(0.05)
     queued = [t for t, s in now.items() if s == "PENDING"]
+    at_restart = dict(now)
     assert len(sampling) >= 1 and len(queued) >= 3, now
-    unacked_before = server.client().hlen("unacked")
-    assert unacked_before >= 1
 
     down_at = time.monotonic()
     server.restart(down_for=DOWN_FOR_S)
     up_at = time.monotonic()
-    # The AOF kept the queue and the unacknowledged deliveries.
-    assert server.client().hlen("unacked") == unacked_before
-    assert server.client().llen(model_queue("tiny")) >= len(queued) - 2
+    # The AOF kept the waiting jobs: each is still in the queue or delivered and unacknowledged.
+    kept_unacked = server.client().hlen("unacked")
+    kept_queued = server.client().llen(model_queue("tiny"))
+    assert kept_unacked + kept_queued >= len(queued), (kept_unacked, kept_queued, queued)
 
     # Workers reconnect: each answers a ping over the restarted broker.
     names = [w.name for w in workers]
@@ -203,9 +203,13 @@ def test_redis_restart_mid_run_every_job_completes_once(fleet):
     cancelled = text.count("Terminating it instead")
     gaps = reconnect_gaps(logs)
     first_after = min(finished_at[h.task_id] for h in later_handles) - up_at
+    first_done = min(t for job_id, t in finished_at.items() if at_restart.get(job_id) != "SUCCESS") - up_at
+    interrupted_done = max(finished_at[t] for t in running) - up_at
     report = (f"redis down {up_at - down_at:.1f} s; both workers answered ping {reconnected_s:.1f} s after Redis "
-              f"was back; first post-restart job finished after {first_after:.1f} s; all {len(jobs)} jobs done "
-              f"{all_done_s:.1f} s after restart; running at restart {len(running)} (sampling {len(sampling)}), queued {len(queued)}; "
+              f"was back; first job finished {first_done:.1f} s after it, the jobs running at the restart "
+              f"{interrupted_done:.1f} s after it, the first job submitted after it {first_after:.1f} s after it; all {len(jobs)} jobs done "
+              f"{all_done_s:.1f} s after restart; running at restart {len(running)} (sampling {len(sampling)}), queued {len(queued)}; after the restart "
+              f"{kept_unacked} unacked + {kept_queued} in the queue; "
               f"broker-lost log lines {lost}, jobs terminated on connection loss {cancelled}; worker log from broker lost to connected again {gaps} s; redelivered {redelivered}; "
               f"succeeded lines replayed from the done record {replayed}")
     print(report)
