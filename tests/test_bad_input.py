@@ -249,6 +249,7 @@ CASES = [
     Case("callback to an allowlisted host on another port", "callback.url", "client", _callback("http://localhost:9000/hook")),
     Case("callback to a private host outside the allowlist", "callback.url", "client", _callback("http://10.20.30.40:8080/hook")),
     Case("callback that is not http(s)", "callback.url", "client", _callback("file:///etc/passwd")),
+    Case("callback with user:password@", "callback.url", "client", _callback("https://user:secret@hooks.example.com/x")),
     Case("time_limit above MASKFLEET_MAX_JOB_SECONDS", "time_limit", "client", change(time_limit=MAX_JOB_SECONDS + 1)),
     Case("time_limit 0", "time_limit", "client", change(time_limit=0)),
     # -- only the worker can judge these: files, objects, models and tensors --
