@@ -9,6 +9,7 @@ module never imports the task's code.
 from __future__ import annotations
 
 import time
+import uuid
 from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,9 +113,13 @@ def submit(job: dict | str | bytes | Job, *, broker_url: str | None = None, queu
     except ValueError as e:
         raise JobError(str(e)) from None
     app = _app(broker_url)
-    if parsed.job_id and not claim_submission(parsed.job_id, app.conf.result_backend):
-        return JobHandle(parsed.job_id, app, submitted=False)
-    sent = app.send_task(TASK_NAME, args=[parsed.model_dump(mode="json")], task_id=parsed.job_id, **options)
+    # A job without a job_id is claimed under a fresh id too: the claim is the first call to
+    # Redis, so a wrong password or an unreachable Redis fails here at once and clearly
+    # (Celery's own first contact retries for about 20 s, then says little).
+    task_id = parsed.job_id or str(uuid.uuid4())
+    if not claim_submission(task_id, app.conf.result_backend):
+        return JobHandle(task_id, app, submitted=False)
+    sent = app.send_task(TASK_NAME, args=[parsed.model_dump(mode="json")], task_id=task_id, **options)
     return JobHandle(sent.id, app)
 
 

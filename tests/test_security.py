@@ -374,10 +374,6 @@ def test_wrong_password_is_refused_and_nothing_is_queued(fleet):
     assert job["job_id"] not in fleet["workers"]["text"].log.read_text()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "client.submit without a job_id reaches Redis first through Celery's result-backend pubsub, "
-    "which retries AUTH 20 times (~20 s) and raises RuntimeError('Retry limit exceeded ...'): "
-    "fix in client.submit: claim a generated task id as it claims a job_id (redis-py first, AUTH fails at once)"))
 def test_wrong_password_without_job_id_is_a_clear_error(fleet):
     bad_url = fleet["url"].replace(REDIS_PASSWORD, "wrong" + secrets.token_hex(4))
     conn = fleet["server"].client()
