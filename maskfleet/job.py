@@ -24,7 +24,7 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 class PromptText(BaseModel):
     """A prompt given as text, encoded by the model's own text encoder (model dirs with `text_encoder/` and `tokenizer/`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(max_length=10000, description="Prompt text; empty is the unconditional prompt.")
 
@@ -43,7 +43,7 @@ Conditioning = Annotated[
 class SamplerSpec(BaseModel):
     """One advanced sampler: what ComfyUI's KSamplerAdvanced takes, minus the step range."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(pattern=MODEL_NAME_PATTERN, description="Model name: a diffusers model directory in the model store.")
     sampler_name: SamplerName = Field(description="ComfyUI sampler name.")
@@ -59,7 +59,7 @@ EventName = Literal["started", "progress", "succeeded", "failed", "cancelled"]
 class Callback(BaseModel):
     """Where a fleet worker posts this job's status (signed webhooks); `maskfleet run` ignores it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     url: str = Field(min_length=1, max_length=2048, description="http(s) URL that receives the job's events as signed POSTs (Standard Webhooks); internal addresses only if the fleet allowlists them.")
     events: list[EventName] | None = Field(None, min_length=1, description="Events to send (started, progress, succeeded, failed, cancelled); leave out for all.")
@@ -76,7 +76,8 @@ class Callback(BaseModel):
 class Job(BaseModel):
     """A two-sampler masked sampling job."""
 
-    model_config = ConfigDict(extra="forbid", title="maskfleet job")
+    # strict: JSON types as they are ("20" is not a number of steps, true is not 1).
+    model_config = ConfigDict(extra="forbid", title="maskfleet job", strict=True)
 
     job_id: str | None = Field(None, pattern=JOB_ID_PATTERN, description="Client-chosen idempotency key.")
     seed: int = Field(0, ge=0, le=2**64 - 1, description="Noise seed; the same job and seed give the same latent.")

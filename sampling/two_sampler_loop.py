@@ -15,7 +15,7 @@ import torch
 
 from .comfy_call import AdvancedSampler, JobRandomness, RegionMask, ScheduleCache, advanced_call
 from .errors import InvalidInput, SamplingStopped
-from .masks import grow_mask, inverse_mask, normalize_mask, to_latent
+from .masks import check_mask_fits, check_overlap, grow_mask, inverse_mask, normalize_mask, to_latent
 from .samplers import check_sampler_name
 from .schedulers import check_scheduler_name
 
@@ -77,6 +77,8 @@ def sample_two_samplers(
     _validate(latent, seed, steps, denoise, overlap_factor, mode, base, mask_sampler)
     b, _, h, w = latent.shape
     mask = normalize_mask(mask, b).to(latent.device)
+    check_mask_fits(mask, latent.shape)
+    check_overlap(overlap_factor, h, w)
     base_region = RegionMask.of(to_latent(inverse_mask(mask), latent.shape))
     mask_region = RegionMask.of(to_latent(grow_mask(mask, h, w, overlap_factor), latent.shape))
 
