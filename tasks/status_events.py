@@ -21,7 +21,8 @@ Hooked to the task's lifecycle rather than woven into it:
   reaches a pool process and gets no webhook.
 
 The sender is one :class:`WebhookSender` per process, made on the first job with a
-callback (so in the prefork child). Its key is ``MASKFLEET_WEBHOOK_SECRET``; when that
+callback (so in the prefork child), with its retry bound from the environment
+(webhooks.RETRY_ENV). Its key is ``MASKFLEET_WEBHOOK_SECRET``; when that
 is unset or malformed, a job with a callback fails before running with
 ``RuntimeError("worker misconfigured: ...")``: the worker cannot sign, which is not the
 job's fault, and running it silently without its webhooks would be worse. At process
@@ -44,7 +45,7 @@ from .callback_policy import check_callback_url
 from .errors import InvalidJob
 from .progress import subscribe
 from .settings import TASK_NAME
-from .webhooks import WebhookSender
+from .webhooks import WebhookSender, retry_options_from_env
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,11 @@ def webhook_sender() -> WebhookSender:
     with _lock:
         if _sender is None or _sender[0] != os.getpid():
             try:
-                _sender = (os.getpid(), WebhookSender())
+                options = retry_options_from_env()
+            except ValueError as e:
+                raise RuntimeError(f"worker misconfigured: {e}") from None
+            try:
+                _sender = (os.getpid(), WebhookSender(**options))
             except ValueError as e:
                 raise RuntimeError(f"worker misconfigured: the job has a callback but {e}") from None
         return _sender[1]

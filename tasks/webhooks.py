@@ -1,10 +1,13 @@
 """Job status webhooks, signed per Standard Webhooks and sent from a background thread.
 
-Why a thread: the caller is the sampling loop on a GPU. A receiver that is slow, down
+Why threads: the caller is the sampling loop on a GPU. A receiver that is slow, down
 or answering 500 must cost that loop nothing, so :meth:`WebhookSender.emit` only
-serialises the event and puts it on a queue; one daemon thread posts the events in
-order, retries with exponential backoff, and drops an event (with a log line) once
-its attempts or its deadline run out.
+serialises the event and puts it on a queue; a daemon thread per destination posts the
+events in order, retries with exponential backoff, and drops an event (with a log line)
+once its attempts or its deadline run out. One thread per destination because one
+receiver that is down would otherwise hold every other job's webhooks behind its
+retries; stale progress behind a slow receiver is skipped for the newest for the same
+reason. The retry bound comes from the environment on workers (``RETRY_ENV``).
 
 Signing (https://www.standardwebhooks.com): each event carries ``webhook-id``
 (unique per event, the same on every retry of it), ``webhook-timestamp`` (integer
@@ -42,6 +45,15 @@ from urllib.parse import urlsplit
 log = logging.getLogger(__name__)
 
 SECRET_ENV = "MASKFLEET_WEBHOOK_SECRET"
+# WebhookSender keyword: (environment variable, default). The retry bound of a delivery:
+# attempts, the first wait (doubled after each failed attempt, at most max_backoff), the
+# deadline from the first attempt, and each attempt's timeout, all in seconds.
+RETRY_ENV = {
+    "max_attempts": ("MASKFLEET_WEBHOOK_MAX_ATTEMPTS", 6),
+    "backoff": ("MASKFLEET_WEBHOOK_BACKOFF", 0.5),
+    "deadline": ("MASKFLEET_WEBHOOK_DEADLINE", 60.0),
+    "timeout": ("MASKFLEET_WEBHOOK_TIMEOUT", 5.0),
+}
 EVENT_TYPES = ("job.started", "job.progress", "job.succeeded", "job.failed", "job.cancelled")
 FINAL_EVENT_TYPES = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
 _STOP = object()
@@ -70,6 +82,26 @@ def load_secret(secret: str | bytes | None = None) -> bytes:
     if not key:
         raise ValueError(f"{SECRET_ENV}: the secret is empty")
     return key
+
+
+def retry_options_from_env(env: dict[str, str] | None = None) -> dict[str, float]:
+    """WebhookSender's retry keywords from ``RETRY_ENV`` (unset: the defaults); ValueError naming a bad one."""
+    env = os.environ if env is None else env
+    options = {}
+    for keyword, (name, default) in RETRY_ENV.items():
+        raw = env.get(name, "").strip()
+        if not raw:
+            options[keyword] = default
+            continue
+        try:
+            value = type(default)(raw)
+        except ValueError:
+            kind = "a whole number" if isinstance(default, int) else "a number of seconds"
+            raise ValueError(f"{name}={raw!r}: expected {kind}") from None
+        if value <= 0:
+            raise ValueError(f"{name}={raw!r}: must be positive")
+        options[keyword] = value
+    return options
 
 
 def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -102,16 +134,38 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None  # a 3xx then surfaces as an HTTPError, not retried
 
 
-class WebhookSender:
-    """Posts job events to callback URLs from one background thread.
+class _Lane:
+    """The events for one destination (scheme://host:port) and the thread that posts them.
 
-    Events are delivered in the order they were emitted (progress events excepted:
-    per job at most one per ``progress_interval`` seconds goes out, the latest one;
-    a held progress event is sent before that job's next non-progress event).
-    A delivery is retried on connection errors, timeouts, 5xx and 429, waiting
-    ``backoff`` * 2**n seconds (at most ``max_backoff``, or the receiver's
-    Retry-After) for up to ``max_attempts`` attempts within ``deadline`` seconds.
+    State other than ``queue`` and ``queued_progress`` (guarded by the sender's lock) is
+    touched by the lane's thread only.
     """
+
+    def __init__(self, max_queue: int):
+        self.queue: queue.Queue = queue.Queue(max_queue)
+        self.thread: threading.Thread | None = None
+        self.queued_progress: dict[tuple[str, str | None], int] = {}  # progress events in the queue, per job
+        self.last_progress: dict[tuple[str, str | None], float] = {}
+        self.held: dict[tuple[str, str | None], _Event] = {}
+
+
+class WebhookSender:
+    """Posts job events to callback URLs from background threads, one per destination.
+
+    Events to one destination (scheme, host and port) are delivered in the order they
+    were emitted, progress events excepted: per job the first goes out at once, then at
+    most one per ``progress_interval`` seconds, the latest one, and a held progress event
+    is sent before that job's next non-progress event. Progress that piled up behind a
+    slow or failing receiver is skipped for the newest, so a job's final event is never
+    queued behind stale progress. Each destination has its own thread, so a receiver that
+    is down or slow delays only its own events, not other jobs' webhooks; a thread with
+    nothing to send for ``LANE_IDLE_S`` ends. A delivery is retried on connection
+    errors, timeouts, 5xx and 429, waiting ``backoff`` * 2**n seconds (at most
+    ``max_backoff``, or the receiver's Retry-After) for up to ``max_attempts`` attempts
+    within ``deadline`` seconds.
+    """
+
+    LANE_IDLE_S = 30.0
 
     def __init__(self, secret: str | bytes | None = None, *, timeout: float = 5.0,
                  max_attempts: int = 6, backoff: float = 0.5, max_backoff: float = 8.0,
@@ -124,16 +178,13 @@ class WebhookSender:
         self.max_backoff = max_backoff
         self.deadline = deadline
         self.progress_interval = progress_interval
+        self._max_queue = max_queue
         self._opener = urllib.request.build_opener(_NoRedirects)
-        self._queue: queue.Queue = queue.Queue(max_queue)
         self._cond = threading.Condition()
         self._outstanding = 0  # emitted, not yet delivered or dropped
         self._closed = False
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        # Progress throttling, touched by the sender thread only: (url, job_id) -> ...
-        self._last_progress: dict[tuple[str, str | None], float] = {}
-        self._held: dict[tuple[str, str | None], _Event] = {}
+        self._lanes: dict[str, _Lane] = {}  # destination -> its lane, while it has work
 
     def emit(self, url: str, event_type: str, data: dict,
              events_filter: list[str] | None = None) -> None:
@@ -157,16 +208,16 @@ class WebhookSender:
             if self._closed:
                 log.warning("webhook %s for %s dropped: sender closed", event_type, _for_log(url))
                 return
+            lane = self._lane(_destination(url))
+            try:
+                lane.queue.put_nowait(event)  # under the lock: the lane cannot end meanwhile
+            except queue.Full:
+                log.warning("webhook %s for %s dropped: queue full", event_type, _for_log(url))
+                return
             self._outstanding += 1
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="maskfleet-webhooks",
-                                                daemon=True)
-                self._thread.start()
-        try:
-            self._queue.put_nowait(event)
-        except queue.Full:
-            log.warning("webhook %s for %s dropped: queue full", event_type, _for_log(url))
-            self._done()
+            if event.type == "job.progress":
+                key = (event.url, event.job_id)
+                lane.queued_progress[key] = lane.queued_progress.get(key, 0) + 1
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every emitted event was delivered or dropped; False on timeout."""
@@ -174,65 +225,91 @@ class WebhookSender:
             return self._cond.wait_for(lambda: self._outstanding == 0, timeout)
 
     def close(self, timeout: float | None = 5.0) -> bool:
-        """Flush (up to ``timeout``), then stop the thread; later emits are dropped."""
+        """Flush (up to ``timeout``), then stop the threads; later emits are dropped."""
         flushed = self.flush(timeout)
         with self._cond:
             self._closed = True
-            thread = self._thread
+            lanes = list(self._lanes.values())
         self._stopping.set()
-        if thread is not None and thread.is_alive():
-            self._queue.put(_STOP)
-            thread.join(self.timeout + 1.0)
+        for lane in lanes:
+            if lane.thread is not None and lane.thread.is_alive():
+                lane.queue.put(_STOP)
+        for lane in lanes:
+            if lane.thread is not None:
+                lane.thread.join(self.timeout + 1.0)
         return flushed
 
-    # --- the sender thread ---
+    # --- the lane threads ---
 
-    def _run(self) -> None:
+    def _lane(self, destination: str) -> _Lane:
+        """The lane for ``destination``, made (with its thread) if it has none; call with the lock held."""
+        lane = self._lanes.get(destination)
+        if lane is None:
+            lane = self._lanes[destination] = _Lane(self._max_queue)
+        if lane.thread is None or not lane.thread.is_alive():  # new, or its thread died
+            lane.thread = threading.Thread(target=self._run, args=(destination, lane),
+                                           name=f"maskfleet-webhooks {destination}", daemon=True)
+            lane.thread.start()
+        return lane
+
+    def _run(self, destination: str, lane: _Lane) -> None:
         while True:
-            wait = self._until_next_held()
+            wait = self._until_next_held(lane)
             try:
-                event = self._queue.get(timeout=wait)
+                event = lane.queue.get(timeout=self.LANE_IDLE_S if wait is None else wait)
             except queue.Empty:
                 event = None
+                with self._cond:
+                    if not lane.held and lane.queue.empty():
+                        del self._lanes[destination]  # idle: a later emit starts a new lane
+                        return
             if event is _STOP:
-                for held in self._held.values():
+                for held in lane.held.values():
                     self._drop(held, 0, "sender closed")
                 return
             if event is not None:
-                self._handle(event)
-            self._send_due_progress()
+                self._handle(lane, event)
+            self._send_due_progress(lane)
 
-    def _handle(self, event: _Event) -> None:
+    def _handle(self, lane: _Lane, event: _Event) -> None:
         key = (event.url, event.job_id)
         if event.type == "job.progress":
-            last = self._last_progress.get(key)
-            if last is None or time.monotonic() - last >= self.progress_interval:
-                self._last_progress[key] = time.monotonic()
+            with self._cond:
+                newer = lane.queued_progress[key] - 1
+                if newer:
+                    lane.queued_progress[key] = newer
+                else:
+                    del lane.queued_progress[key]
+            last = lane.last_progress.get(key)
+            if newer and last is not None:
+                self._done()  # a later progress of this job is already queued: it supersedes this one
+            elif last is None or time.monotonic() - last >= self.progress_interval:
+                lane.last_progress[key] = time.monotonic()
                 self._deliver(event)
             else:
-                replaced = self._held.pop(key, None)
+                replaced = lane.held.pop(key, None)
                 if replaced is not None:
                     self._done()  # superseded by a later progress event
-                self._held[key] = event
+                lane.held[key] = event
             return
-        held = self._held.pop(key, None)
+        held = lane.held.pop(key, None)
         if held is not None:
             self._deliver(held)
         self._deliver(event)
         if event.type in FINAL_EVENT_TYPES:
-            self._last_progress.pop(key, None)
+            lane.last_progress.pop(key, None)
 
-    def _until_next_held(self) -> float | None:
-        if not self._held:
+    def _until_next_held(self, lane: _Lane) -> float | None:
+        if not lane.held:
             return None
-        due = min(self._last_progress[key] + self.progress_interval for key in self._held)
+        due = min(lane.last_progress[key] + self.progress_interval for key in lane.held)
         return max(0.0, due - time.monotonic())
 
-    def _send_due_progress(self) -> None:
+    def _send_due_progress(self, lane: _Lane) -> None:
         now = time.monotonic()
-        for key in [k for k in self._held if now - self._last_progress[k] >= self.progress_interval]:
-            self._last_progress[key] = time.monotonic()
-            self._deliver(self._held.pop(key))
+        for key in [k for k in lane.held if now - lane.last_progress[k] >= self.progress_interval]:
+            lane.last_progress[key] = time.monotonic()
+            self._deliver(lane.held.pop(key))
 
     def _deliver(self, event: _Event) -> None:
         deadline = time.monotonic() + self.deadline
@@ -291,6 +368,12 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None  # the HTTP-date form: use our own backoff
+
+
+def _destination(url: str) -> str:
+    """``scheme://host:port`` of ``url``: what shares one lane (and one receiver's fate)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.rpartition('@')[2].lower()}"
 
 
 def _for_log(url: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
-from test_webhooks import SECRET, Receiver
+from webhook_receiver import SECRET, Receiver
 
 from maskfleet.client import JobFailed, _app, submit
 from maskfleet.tasks.redis_keys import submitted_key

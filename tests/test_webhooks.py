@@ -1,89 +1,18 @@
 """Webhooks against a real HTTP receiver that verifies signatures with `standardwebhooks`,
 and the callback URL policy."""
 
-import base64
 import logging
 import os
 import socket
-import threading
 import time
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from maskfleet.tasks.callback_policy import allowlist_from_env, check_callback_url
 from maskfleet.tasks.webhooks import WebhookSender, load_secret
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+from webhook_receiver import SECRET, Receiver  # noqa: F401 (also imported from here by fleet tests)
 
-SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 LOGGER = "maskfleet.tasks.webhooks"
-
-
-class Receiver:
-    """An HTTP server on 127.0.0.1 that checks every request's signature and records it.
-
-    ``statuses``: the answers to the first requests (then 200). ``delay``: seconds it
-    takes to answer each request. ``redirect_to``: the Location sent with a 3xx.
-    """
-
-    def __init__(self, secret=SECRET, port=0, statuses=(), delay=0.0, redirect_to=None):
-        self.webhook = Webhook(secret)
-        self.statuses = list(statuses)
-        self.delay = delay
-        self.redirect_to = redirect_to
-        self.attempts = []  # (webhook-id, type) of every request
-        self.received = []  # (webhook-id, type, body) of the requests answered 2xx
-        self.bad = []       # requests whose signature or headers did not verify
-        self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook?token=abc"
-
-    def types(self):
-        with self.lock:
-            return [event_type for _, event_type, _ in self.received]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-    def _handler_class(self):
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                time.sleep(receiver.delay)  # the receiver being slow, not synchronisation
-                try:
-                    payload = receiver.webhook.verify(body, dict(self.headers))
-                    assert self.headers["Content-Type"] == "application/json"
-                except (WebhookVerificationError, AssertionError) as exc:
-                    with receiver.lock:
-                        receiver.bad.append(repr(exc))
-                    self.send_response(401)
-                    self.end_headers()
-                    return
-                msg_id = self.headers["webhook-id"]
-                with receiver.lock:
-                    status = receiver.statuses.pop(0) if receiver.statuses else 200
-                    receiver.attempts.append((msg_id, payload["type"]))
-                    if status < 300:
-                        receiver.received.append((msg_id, payload["type"], payload))
-                self.send_response(status)
-                if 300 <= status < 400:
-                    self.send_header("Location", receiver.redirect_to)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        return Handler
 
 
 def wait_until(predicate, timeout):
