@@ -124,17 +124,23 @@ def _read_s3(uri: str, field: str, max_bytes: int) -> bytes:
         if size > max_bytes:
             raise InvalidFile(field, f"{uri} is {size} bytes, over the {max_bytes}-byte input cap")
         response = client.get_object(Bucket=bucket, Key=key, IfMatch=head["ETag"])
-        with response["Body"] as body:
+        # Not `with response["Body"] as body`: that yields urllib3's raw stream, whose
+        # errors (a connection reset half-way) escape as urllib3 exceptions; botocore's
+        # StreamingBody.read turns them into HTTPClientError like any other.
+        body = response["Body"]
+        try:
             data = body.read(max_bytes + 1)
+        finally:
+            body.close()
     except ClientError as e:
         if _code(e) in _MISSING and not _bucket_exists(client, bucket):
             raise InvalidFile(field, f"{uri}: bucket {bucket!r} does not exist") from None
         raise _client_error(e, uri, field, "read") from None
     except BotoCoreError as e:
         raise _botocore_error(e, uri, field, "read") from None
-    if len(data) != size:
+    if len(data) != size:  # the GET was on the HEAD's ETag: the download, not the object, is short
         raise StorageUnavailable(
-            field, f"{uri} changed size while being read ({size} bytes, then {len(data)}); "
+            field, f"cannot read {uri}: the download ended after {len(data)} of {size} bytes; "
             "try again")
     return data
 

@@ -18,7 +18,9 @@ pattern, for its first ``count`` matches and/or until its ``seconds`` run out:
   (a PUT with ``Expect: 100-continue`` gets its ``100 Continue``, as from a store, and
   then waits for an answer that does not come);
 - ``error``: answered ``HTTP/1.1 <status>`` with an S3 XML error (503 SlowDown by
-  default) and ``Connection: close``; it never reaches the store.
+  default) and ``Connection: close``; it never reaches the store;
+- ``cut``: forwarded, but the answer is cut off ``hold`` bytes into its body (a
+  download whose connection drops half-way: botocore does not retry the body).
 
 Every request is recorded with what was done to it (``requests``), so a test can count
 the attempts botocore made and the task's retries.
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 
 IO_TIMEOUT_S = 30.0
 MAX_HEAD = 64 << 10
-ACTIONS = ("drop", "delay", "error")
+ACTIONS = ("drop", "delay", "error", "cut")
 _REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Slow Down", 504: "Gateway Timeout"}
 _CODES = {500: "InternalError", 502: "BadGateway", 503: "SlowDown", 504: "GatewayTimeout"}
 
@@ -164,8 +166,8 @@ class FaultProxy:
                 if head is None:
                     return
                 rule = self._pick(head.split(b"\r\n", 1)[0].decode("latin-1"))
-                if rule is None:
-                    self._forward(client, head, rest)
+                if rule is None or rule.action == "cut":
+                    self._forward(client, head, rest, None if rule is None else int(rule.hold))
                 elif rule.action == "drop":
                     _reset(client)
                 elif rule.action == "delay":
@@ -179,7 +181,7 @@ class FaultProxy:
             except OSError:
                 pass  # the client gave up (its timeout) or the proxy is closing
 
-    def _forward(self, client: socket.socket, head: bytes, rest: bytes) -> None:
+    def _forward(self, client: socket.socket, head: bytes, rest: bytes, cut: int | None = None) -> None:
         with socket.create_connection(self.upstream, timeout=IO_TIMEOUT_S) as upstream:
             upstream.sendall(_connection_close(head) + rest)
             pump = threading.Thread(target=_pump, args=(client, upstream), daemon=True)
@@ -190,10 +192,17 @@ class FaultProxy:
                 if response is None:
                     return
                 if not response.startswith(b"HTTP/1.1 1"):
-                    client.sendall(_connection_close(response) + buffered)
+                    client.sendall(_connection_close(response) + buffered[:cut])
                     break
                 client.sendall(response + b"\r\n\r\n")
-            _pump(upstream, client)
+            if cut is None:
+                _pump(upstream, client)
+                return
+            sent = len(buffered)
+            while sent < cut and (chunk := upstream.recv(65536)):
+                client.sendall(chunk[:cut - sent])
+                sent += len(chunk)
+            _reset(client)
 
 
 def _read_head(sock: socket.socket, data: bytes = b"") -> tuple[bytes | None, bytes]:

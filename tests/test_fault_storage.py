@@ -153,18 +153,21 @@ def retry_log_lines(fleet, job: dict) -> list[str]:
 # --- transient faults: the job succeeds with the fault-free output ---
 
 TRANSIENT = {
-    # name: (rules as (action, what to match, count, hold), task retries expected)
+    # name: (rules as (action, what to match, count, hold: seconds, or bytes for "cut"), task retries expected)
     "reset, read timeout and 503 once each": ([("drop", "HEAD latent", ATTEMPTS - 1, 0),
                                                ("delay", "GET mask", ATTEMPTS - 1, READ_TIMEOUT_S * 3),
                                                ("error", "PUT output", ATTEMPTS - 1, 0)], 0),
     "503 on everything for a while": ([("error", "any", ATTEMPTS + 1, 0)], 1),
     "output PUT timing out past botocore": ([("delay", "PUT output", ATTEMPTS, READ_TIMEOUT_S * 3)], 1),
+    # botocore retries requests, not bodies: a download cut half-way is the task's to retry.
+    "latent download cut half-way": ([("cut", "GET latent", 1, 4000)], 1),
 }
 
 
 def install(fleet, proxy: FaultProxy, job: dict, rules) -> None:
     targets = {"any": None, "HEAD latent": f"^HEAD {path_of(fleet, job['latent'])} ",
                "GET mask": f"^GET {path_of(fleet, job['mask'])} ",
+               "GET latent": f"^GET {path_of(fleet, job['latent'])} ",
                "PUT output": f"^PUT {path_of(fleet, job['output'])} "}
     for action, target, count, hold in rules:
         proxy.fault(action, match=targets[target], count=count, hold=hold)
