@@ -21,7 +21,6 @@ import re
 import time
 
 import pytest
-import torch
 from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
 from safetensors.torch import load
 from tcp_fault_proxy import FaultProxy
@@ -196,7 +195,8 @@ def test_transient_fault_is_retried_and_the_job_succeeds(fleet, fault_free, prox
 
 PERMANENT = {
     # name: (action, what to match, field named by the error, what the message says)
-    "store answering 503": ("error", "any", "latent", r"cannot read s3://\S+: S3 error 503 \(HTTP 503\), after retries"),
+    "store answering 503": ("error", "any", "latent",
+                            r"cannot read s3://\S+: S3 error 503 \(HTTP 503\), after retries"),
     "store resetting connections": ("drop", "any", "latent",
                                     r"cannot read s3://\S+: Connection was closed before we received a valid response"),
     "output PUT answering 503": ("error", "PUT output", "output",

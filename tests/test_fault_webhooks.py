@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
 
 import pytest
@@ -23,6 +24,7 @@ from webhook_receiver import SECRET, Receiver
 
 from maskfleet.client import _app, submit
 from maskfleet.tasks.settings import model_queue
+from maskfleet.tasks.webhooks import WebhookSender, retry_options_from_env
 from fleet_workers import Worker, claim_db_url, flush, require_redis
 
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
@@ -125,7 +127,8 @@ def delivered(hook: Receiver, job_id: str) -> list[tuple[str, str, dict]]:
 def sender_retries(fleet, port: int) -> list[tuple[str, str, float]]:
     """The worker's log lines for failed attempts to this port: (type, webhook-id, wait before the next)."""
     text = fleet["worker"].log.read_text(errors="replace")
-    pattern = rf"webhook (job\.\w+) \((msg_\w+)\) to http://127\.0\.0\.1:{port}/hook failed \(.*?\), retry \d+ in ([\d.]+) s"
+    pattern = (rf"webhook (job\.\w+) \((msg_\w+)\) to http://127\.0\.0\.1:{port}/hook failed \(.*?\), "
+               r"retry \d+ in ([\d.]+) s")
     return [(kind, msg_id, float(wait)) for kind, msg_id, wait in re.findall(pattern, text)]
 
 
@@ -253,3 +256,41 @@ def test_receiver_too_slow_once_gets_the_event_again_with_the_same_id(fleet, rec
     assert sorted(kind for _, kind, _ in seen) == ["job.started", "job.started", "job.succeeded"]
     assert len(ids["job.started"]) == 1 and ids["job.started"] != ids["job.succeeded"] and hook.bad == []
     assert [kind for kind, _, _ in sender_retries(fleet, port)] == ["job.started"]
+
+
+# --- the sender in this process: its lanes and its settings ---
+
+@pytest.fixture
+def no_proxies(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_an_idle_lane_ends_and_a_later_event_starts_another(no_proxies, receivers):
+    hook = receivers()
+    sender = WebhookSender(secret=SECRET, backoff=0.05)
+    sender.LANE_IDLE_S = 0.2
+    lane_name = f"maskfleet-webhooks http://127.0.0.1:{hook.server.server_address[1]}"
+
+    def lanes() -> int:
+        return sum(thread.name == lane_name for thread in threading.enumerate())
+
+    try:
+        sender.emit(hook.url, "started", {"job_id": "j1"})
+        assert sender.flush(5) and lanes() == 1
+        wait_for(lambda: lanes() == 0, 5, "the idle lane to end")
+        sender.emit(hook.url, "succeeded", {"job_id": "j1"})
+        assert sender.flush(5)
+        assert hook.types() == ["job.started", "job.succeeded"] and hook.bad == []
+    finally:
+        sender.close(1)
+
+
+def test_retry_bound_from_the_environment():
+    assert retry_options_from_env({}) == {"max_attempts": 6, "backoff": 0.5, "deadline": 60.0, "timeout": 5.0}
+    assert retry_options_from_env({"MASKFLEET_WEBHOOK_MAX_ATTEMPTS": "3", "MASKFLEET_WEBHOOK_DEADLINE": "2.5"}) == {
+        "max_attempts": 3, "backoff": 0.5, "deadline": 2.5, "timeout": 5.0}
+    with pytest.raises(ValueError, match=r"^MASKFLEET_WEBHOOK_MAX_ATTEMPTS='2\.5': expected a whole number"):
+        retry_options_from_env({"MASKFLEET_WEBHOOK_MAX_ATTEMPTS": "2.5"})
+    with pytest.raises(ValueError, match=r"^MASKFLEET_WEBHOOK_BACKOFF='0': must be positive"):
+        retry_options_from_env({"MASKFLEET_WEBHOOK_BACKOFF": "0"})
