@@ -164,6 +164,18 @@ def _write_s3(uri: str, data: bytes, field: str, content_type: str | None, diges
         raise _botocore_error(e, uri, field, "write") from None
 
 
+def s3_error(error: ClientError | BotoCoreError, uri: str, field: str, action: str) -> InvalidFile:
+    """What a botocore error while we ``action`` (read, write, delete) the object ``uri`` means
+    for the job: InvalidFile naming ``field``, or StorageUnavailable when the store failed.
+
+    For the other modules that call S3 themselves (the model store), so every S3 failure is
+    classified the same way.
+    """
+    if isinstance(error, ClientError):
+        return _client_error(error, uri, field, action)
+    return _botocore_error(error, uri, field, action)
+
+
 def _code(error: ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
 
