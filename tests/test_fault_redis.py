@@ -3,9 +3,14 @@
 The broker and result backend is a redis-server of this test's own (tests/redis_server.py)
 with an append-only file fsynced on every write, so queued messages, unacknowledged
 deliveries and results survive the restart as in production. Two real Celery workers
-(prefork, -c 1) serve the `tiny` model with a 5 s lease (MASKFLEET_LEASE_SECONDS), so a
+(prefork, -c 1) serve the `tiny` model with a 15 s lease (MASKFLEET_LEASE_SECONDS), so a
 job cancelled by the connection loss (worker_cancel_long_running_tasks_on_connection_loss)
-comes back to the queue a few seconds after Redis does (tasks/leases.py).
+comes back to the queue within a lease of Redis coming back (tasks/leases.py).
+
+The lease is longer than the outage plus the workers' reconnect backoff (about 6 s), as
+the 30 s default is: a worker that writes anything about its cancelled job once it is
+connected again (a REVOKED state, an ack of the message) does so before the lease could
+return the job, so such a write would lose the job, and the test sees it.
 
 A first batch is submitted; when two of its jobs are sampling and the rest wait in the
 queue, Redis is shut down for 3 s and started again on the same port; then a second
@@ -14,6 +19,9 @@ output (all jobs share inputs and seed, so one in-process run gives the bytes ea
 output must have), and none may complete twice: per job id, the workers' "succeeded"
 lines carry one distinct result (a second sampling would log other timings), and each
 output file keeps the inode and mtime it had when its job was first seen finished.
+No job may ever have been FAILURE or REVOKED, even for a moment: the AOF holds every
+state Celery stored (aof_history.py), so a transient one a client could have taken for
+the end of its job cannot hide between two polls.
 """
 from __future__ import annotations
 
@@ -25,17 +33,18 @@ from pathlib import Path
 import pytest
 import redis
 import torch
+from aof_history import result_states
 from golden_jobs import make_models_dir
 from redis_server import RedisServer
 from tiny_jobs import completions, deliveries, file_sha256, job_from, output_path, write_tiny_inputs
 
-from maskfleet.client import FINAL_STATES, _app, submit
+from maskfleet.client import _app, submit
 from maskfleet.job import parse_job
 from maskfleet.local_run import RunOptions, run_job
 from maskfleet.tasks.settings import model_queue
 from fleet_workers import Worker
 
-LEASE_S = 5
+LEASE_S = 15
 STEPS = 16  # about 1 s of sampling per job on one CPU thread (more on a busy machine): caught running
 FIRST_BATCH = 8
 SECOND_BATCH = 4
@@ -90,6 +99,12 @@ def reconnect_gaps(logs: list[Path]) -> list[float]:
     return gaps
 
 
+def broker_holds_jobs(server: RedisServer) -> bool:
+    """Whether a job still waits in the queue or is delivered and not yet acknowledged."""
+    conn = server.client()
+    return bool(conn.hlen("unacked") or conn.llen(model_queue("tiny")))
+
+
 def states(handles) -> dict[str, str]:
     """State of each job; None for those whose state Redis could not tell right now."""
     found = {}
@@ -101,7 +116,16 @@ def states(handles) -> dict[str, str]:
     return found
 
 
-def test_redis_restart_mid_run_every_job_completes_once(fleet):
+# Known product bug, for the owner of tasks/app.py: on the connection loss Celery cancels the running
+# job and tries to store RETRY in the (same, unreachable) Redis; that raises, so Celery later takes
+# the child's termination for a revoke: once reconnected it stores REVOKED and acks the message, and
+# with a lease longer than the outage the job is never redelivered (lost). With
+# `result_backend_always_retry=True` in configure() the RETRY waits for Redis instead, the job is
+# redelivered after its lease and this test passes; remove this mark with that fix.
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="jobs running at a Redis restart end REVOKED and are lost until "
+                          "result_backend_always_retry=True is set in tasks/app.py")
+def test_redis_restart_mid_run_every_job_completes_once(fleet, capsys):
     root, url, app, server, workers = fleet["root"], fleet["url"], fleet["app"], fleet["server"], fleet["workers"]
     template = write_tiny_inputs(root / "inputs", size=16)
     template["steps"] = STEPS
@@ -155,29 +179,43 @@ def test_redis_restart_mid_run_every_job_completes_once(fleet):
     jobs += later
     handles += later_handles
 
-    # Every job ends; note each output's identity when its job is first seen finished.
+    # Every job ends SUCCESS; note each output's identity when its job is first seen finished,
+    # and every state the producer could see on the way (a FAILURE or REVOKED seen here would
+    # have ended a client's wait() with JobFailed, even if a redelivery succeeds later).
     first_seen: dict[str, tuple[int, int]] = {}
     finished_at: dict[str, float] = {}
+    history: dict[str, list[str]] = {job["job_id"]: [] for job in jobs}
+    wrong: dict[str, dict] = {}
     end = time.monotonic() + DEADLINE_S
     while time.monotonic() < end:
         now = states(handles)
-        for job in jobs:
-            if now[job["job_id"]] in FINAL_STATES and job["job_id"] not in first_seen:
-                st = output_path(job).stat() if output_path(job).exists() else None
-                first_seen[job["job_id"]] = (st.st_ino, st.st_mtime_ns) if st else (0, 0)
-                finished_at[job["job_id"]] = time.monotonic()
-        if len(first_seen) == len(jobs):
-            break
+        for handle, job in zip(handles, jobs):
+            job_id = job["job_id"]
+            state = now[job_id]
+            if state is not None and (not history[job_id] or history[job_id][-1] != state):
+                history[job_id].append(state)
+            if state in ("FAILURE", "REVOKED") and job_id not in wrong:
+                wrong[job_id] = handle.status()
+            if state == "SUCCESS" and job_id not in first_seen:
+                st = output_path(job).stat()
+                first_seen[job_id] = (st.st_ino, st.st_mtime_ns)
+                finished_at[job_id] = time.monotonic()
+        if len(first_seen) == len(jobs) or (all(s in ("SUCCESS", "FAILURE", "REVOKED") for s in now.values())
+                                            and not broker_holds_jobs(server)):
+            break  # done, or nothing left that could change a state
         time.sleep(0.1)
-    assert len(first_seen) == len(jobs), {t: s for t, s in states(handles).items() if t not in first_seen}
+    stored = result_states(fleet["root"])
+    ended_badly = {t: stored.get(t) for t in history if {"FAILURE", "REVOKED"} & set(stored.get(t, []))}
+    assert len(first_seen) == len(jobs), ("jobs lost", {t: h for t, h in history.items() if t not in first_seen},
+                                          "states stored", ended_badly)
+    assert wrong == {} and ended_badly == {}, ("a final state before the real end", wrong, ended_badly)
     all_done_s = time.monotonic() - up_at
 
     # Nothing left that could be delivered again: queue empty, no unacknowledged delivery.
-    broker = server.client()
     end = time.monotonic() + 30
-    while (broker.hlen("unacked") or broker.llen(model_queue("tiny"))) and time.monotonic() < end:
+    while broker_holds_jobs(server) and time.monotonic() < end:
         time.sleep(0.1)
-    assert broker.hlen("unacked") == 0 and broker.llen(model_queue("tiny")) == 0
+    assert not broker_holds_jobs(server)
 
     for handle, job in zip(handles, jobs):
         status = handle.status()
@@ -205,14 +243,16 @@ def test_redis_restart_mid_run_every_job_completes_once(fleet):
     first_after = min(finished_at[h.task_id] for h in later_handles) - up_at
     first_done = min(t for job_id, t in finished_at.items() if at_restart.get(job_id) != "SUCCESS") - up_at
     interrupted_done = max(finished_at[t] for t in running) - up_at
-    report = (f"redis down {up_at - down_at:.1f} s; both workers answered ping {reconnected_s:.1f} s after Redis "
-              f"was back; first job finished {first_done:.1f} s after it, the jobs running at the restart "
-              f"{interrupted_done:.1f} s after it, the first job submitted after it {first_after:.1f} s after it; all {len(jobs)} jobs done "
-              f"{all_done_s:.1f} s after restart; running at restart {len(running)} (sampling {len(sampling)}), queued {len(queued)}; after the restart "
-              f"{kept_unacked} unacked + {kept_queued} in the queue; "
-              f"broker-lost log lines {lost}, jobs terminated on connection loss {cancelled}; worker log from broker lost to connected again {gaps} s; redelivered {redelivered}; "
+    report = (f"redis down {up_at - down_at:.1f} s; both workers answered ping {reconnected_s:.1f} s after "
+              f"Redis was back; first job finished {first_done:.1f} s after it, the jobs running at the restart "
+              f"{interrupted_done:.1f} s after it, the first job submitted after it {first_after:.1f} s after it; "
+              f"all {len(jobs)} jobs done {all_done_s:.1f} s after it; running at restart {len(running)} "
+              f"(sampling {len(sampling)}), queued {len(queued)}; after the restart {kept_unacked} unacked + "
+              f"{kept_queued} in the queue; broker-lost log lines {lost}, jobs terminated on connection loss "
+              f"{cancelled}; worker log from broker lost to connected again {gaps} s; redelivered {redelivered}; "
               f"succeeded lines replayed from the done record {replayed}")
-    print(report)
+    with capsys.disabled():
+        print("\n" + report)
     (root / "fault_redis_report.txt").write_text(report + "\n")
     # Each worker saw the connection drop and came back (the outage really reached them).
     assert all("Connection to broker lost" in log.read_text(errors="replace") for log in logs)

@@ -179,7 +179,8 @@ def test_300_jobs_three_workers_all_once_keys_expire_memory_returns(fleet, capsy
               f"last SUCCESS; submitting took {submitted_s:.1f} s); per worker {per_worker}; keys expired "
               f"{expired_after:.0f} s after the first submit (MASKFLEET_RESULT_EXPIRES={EXPIRES_S}); Redis "
               f"used_memory before {baseline} B, with results {peak} B, after expiry {after} B "
-              f"(delta {after - baseline:+d} B); submitted keys expired before their job finished: {submitted_expired}; keys left: {other}")
+              f"(delta {after - baseline:+d} B); submitted keys expired before their job finished: "
+              f"{submitted_expired}; keys left: {other}")
     with capsys.disabled():
         print("\n" + report)
     (root / "fleet_load.txt").write_text(report + "\n")
