@@ -165,7 +165,7 @@ def _write_s3(uri: str, data: bytes, field: str, content_type: str | None, diges
 
 
 def s3_error(error: ClientError | BotoCoreError, uri: str, field: str, action: str) -> InvalidFile:
-    """What a botocore error while we ``action`` (read, write, delete) the object ``uri`` means
+    """What a botocore error while we ``action`` (read, write, delete, list) ``uri`` means
     for the job: InvalidFile naming ``field``, or StorageUnavailable when the store failed.
 
     For the other modules that call S3 themselves (the model store), so every S3 failure is
@@ -194,7 +194,7 @@ def _bucket_exists(client, bucket: str) -> bool:
 def _client_error(error: ClientError, uri: str, field: str, action: str) -> InvalidFile:
     code = _code(error)
     status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    bucket = parse_s3_uri(uri, field)[0]
+    bucket = uri[5:].partition("/")[0]  # uri may name a prefix (the model store's)
     if code == "NoSuchBucket":
         return InvalidFile(field, f"{uri}: bucket {bucket!r} does not exist")
     if code in _MISSING and action == "read":
