@@ -12,9 +12,9 @@ the 30 s default is: a worker that writes anything about its cancelled job once 
 connected again (a REVOKED state, an ack of the message) does so before the lease could
 return the job, so such a write would lose the job, and the test sees it.
 
-A first batch is submitted; when two of its jobs are sampling and the rest wait in the
-queue, Redis is shut down for 3 s and started again on the same port; then a second
-batch is submitted. Every job of both batches must end SUCCESS with the reference
+A first batch is submitted; when both workers run one of its jobs (one at least already
+sampling) and the rest wait in the queue, Redis is shut down for 3 s and started again
+on the same port; then a second batch is submitted. Every job of both batches must end SUCCESS with the reference
 output (all jobs share inputs and seed, so one in-process run gives the bytes each
 output must have), and none may complete twice: per job id, the workers' "succeeded"
 lines carry one distinct result (a second sampling would log other timings), and each
