@@ -184,8 +184,9 @@ def test_slow_receiver_does_not_slow_the_job(fleet, baseline, receivers):
     submitted = time.monotonic()
     result = submit(job, broker_url=fleet["url"]).wait(120)
     done = time.monotonic()
-    # Blocked on its webhooks, the job would sample for `delay` more per progress event.
-    assert result["seconds"]["sampling"] < baseline["sampling"] + delay
+    # Blocked on its webhooks, the job would sample for `delay` more per progress event (the
+    # first and the last at least); the margin is for a loaded machine's noise.
+    assert result["seconds"]["sampling"] < baseline["sampling"] + 2 * delay
     seen = wait_for(lambda: [e for e in delivered(hook, job["job_id"]) if e[1] == "job.succeeded"]
                     and delivered(hook, job["job_id"]), 120, "succeeded event")
     late = time.monotonic() - done
