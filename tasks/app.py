@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.signals import celeryd_init
 
 from .leases import restore_interval
 from .settings import DEFAULT_QUEUE, TASK_NAME, Settings, load_settings, model_queue
@@ -70,6 +71,21 @@ def configure(app: Celery, settings: Settings) -> None:
         task_routes=(route_job,),
         broker_connection_retry_on_startup=True,
     )
+
+
+@celeryd_init.connect
+def worker_only_settings(conf: Any = None, **_: Any) -> None:
+    """Settings for worker processes, not for producers that share this app.
+
+    A result write that finds Redis down waits for it (with backoff) instead of failing.
+    It matters on a broker outage: Celery cancels the running job and records RETRY; if
+    that write failed, Celery would later take the killed child for a revoke, store
+    REVOKED and ack the message once reconnected, and the job would never run again.
+    Producers keep failing fast: their status() calls should raise, not hang, while
+    Redis is away.
+    """
+    if conf is not None:
+        conf.result_backend_always_retry = True
 
 
 app = Celery("maskfleet", include=["maskfleet.tasks.sample_task", "maskfleet.tasks.metrics", "maskfleet.tasks.json_logs",

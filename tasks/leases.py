@@ -111,7 +111,10 @@ class LeaseHeartbeat:
         self._thread.join(self.interval + 1)
 
     def beat(self) -> int:
-        return refresh_leases(self.client, held_delivery_tags(self.worker_state))
+        tags = held_delivery_tags(self.worker_state)
+        if not tags:
+            self.client.ping()  # holding nothing: still learn whether Redis answers (for the log)
+        return refresh_leases(self.client, tags)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -116,15 +116,9 @@ def states(handles) -> dict[str, str]:
     return found
 
 
-# Known product bug, for the owner of tasks/app.py: on the connection loss Celery cancels the running
-# job and tries to store RETRY in the (same, unreachable) Redis; that raises, so Celery later takes
-# the child's termination for a revoke: once reconnected it stores REVOKED and acks the message, and
-# with a lease longer than the outage the job is never redelivered (lost). With
-# `result_backend_always_retry=True` in configure() the RETRY waits for Redis instead, the job is
-# redelivered after its lease and this test passes; remove this mark with that fix.
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="jobs running at a Redis restart end REVOKED and are lost until "
-                          "result_backend_always_retry=True is set in tasks/app.py")
+# On the connection loss Celery cancels the running job and stores RETRY in the (same, unreachable)
+# Redis; workers set result_backend_always_retry (tasks/app.py), so that write waits for Redis and
+# the job is redelivered after its lease. Without it Celery would store REVOKED and ack it: lost.
 def test_redis_restart_mid_run_every_job_completes_once(fleet, capsys):
     root, url, app, server, workers = fleet["root"], fleet["url"], fleet["app"], fleet["server"], fleet["workers"]
     template = write_tiny_inputs(root / "inputs", size=16)

@@ -191,7 +191,7 @@ def test_killed_worker_job_is_recovered_within_a_minute_by_another_worker(fleet,
 
 
 def test_job_longer_than_the_lease_runs_once(fleet):
-    lease = 1
+    lease = 2
     workers = fleet["start"]("longa", "longb", MASKFLEET_LEASE_SECONDS=str(lease))
     job = make_job(fleet, "long", steps=2 * LONG_STEPS)
     handle = submit(job, broker_url=fleet["url"])
