@@ -11,6 +11,7 @@ so a bad job fails fast, names the field to fix and leaves no output behind.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,15 @@ from .sampling.masks import check_mask_fits, check_overlap
 from .sampling.unet_denoiser import UNetDenoiser, load_unet_denoiser, unet_inputs
 from .storage.allowed_roots import confine
 from .storage.conditioning_files import read_conditioning
+from .storage.errors import InvalidFile
 from .storage.file_uris import local_path
 from .storage.latent_files import encode_latent, read_latent
 from .storage.mask_files import read_mask
 from .storage.model_store import ModelStore
 from .storage.objects import check_uri, delete_object, is_s3_uri, object_name, write_object
 from .storage.preview_png import encode_preview_png
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OUTPUT_SUFFIXES = (".latent", ".safetensors")
@@ -206,7 +210,10 @@ class JobRunner:
             return write_object(job.output, data, "output")
         except BaseException:
             if job.preview:
-                delete_object(job.preview, "preview")
+                try:
+                    delete_object(job.preview, "preview")
+                except InvalidFile as e:  # the output's error is the job's; this one is only logged
+                    log.warning("output write failed and the preview %s could not be taken back: %s", job.preview, e)
             raise
 
 

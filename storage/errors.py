@@ -11,9 +11,14 @@ class InvalidFile(ValueError):
     """A job field names a file (or model) we cannot use; ``reason`` says why."""
 
     def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
+        # Both in args: Celery stores an exception as its type and args (JSON) and rebuilds it
+        # from them, so a producer gets StorageUnavailable back, not a bare ValueError.
+        super().__init__(field, reason)
         self.field = field
         self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.reason}"
 
 
 class StorageUnavailable(InvalidFile):

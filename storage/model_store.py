@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
-from .errors import InvalidFile
+from .errors import InvalidFile, StorageUnavailable
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MODELS_ENV = "MASKFLEET_MODELS"
@@ -186,7 +186,9 @@ class ModelStore:
                 Bucket=self.bucket, Prefix=model_prefix)
             objects = [obj for page in pages for obj in page.get("Contents", [])]
         except (BotoCoreError, ClientError) as exc:
-            raise InvalidFile(field, f"cannot list {self.uri(name)}: {exc}") from exc
+            from .objects import s3_error  # an outage is StorageUnavailable (retried), not bad input
+
+            raise s3_error(exc, self.uri(name), field, "list") from None
         for obj in objects:
             key = obj["Key"]
             rel = key[len(model_prefix):]
@@ -240,10 +242,9 @@ class ModelStore:
             for f in files:
                 dest = tmp / f["rel"]
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                head = client.head_object(Bucket=self.bucket, Key=f["key"])
+                head = self._download(client, f["key"], dest, field)
                 if f["etag"] and head.get("ETag") != f["etag"]:
-                    raise InvalidFile(field, f"{self.uri(name)}{f['rel']} changed while it was being fetched; retry")
-                client.download_file(self.bucket, f["key"], str(dest))  # boto3's managed transfer
+                    raise StorageUnavailable(field, f"{self.uri(name)}{f['rel']} changed while it was being fetched")
                 self.downloads += 1
                 entry = {"size": f["size"], "etag": f["etag"]}
                 size = dest.stat().st_size
@@ -269,6 +270,19 @@ class ModelStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _download(self, client, key: str, dest: Path, field: str) -> dict:
+        """HEAD then download one object of a model; botocore failures classified as for job inputs."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            head = client.head_object(Bucket=self.bucket, Key=key)
+            client.download_file(self.bucket, key, str(dest))  # boto3's managed transfer
+        except (BotoCoreError, ClientError) as exc:
+            from .objects import s3_error
+
+            raise s3_error(exc, f"s3://{self.bucket}/{key}", field, "read") from None
+        return head
 
 
 def _check_relative_key(rel: str, key: str, field: str) -> None:

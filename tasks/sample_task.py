@@ -18,9 +18,8 @@ only wires their hooks into the run.
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
-
-from celery.utils.time import get_exponential_backoff_interval
 
 from ..job import JobError, parse_job
 from ..local_run import JobRunner, RunOptions
@@ -74,9 +73,12 @@ def reset_runner() -> None:
     _runner = None
 
 
-def storage_retry_countdown(retries: int) -> int:
-    """Seconds before the next attempt after a storage fault: 1, 2, 4, ... up to 300, fully jittered."""
-    return get_exponential_backoff_interval(1, retries, STORAGE_BACKOFF_MAX, full_jitter=True)
+def storage_retry_countdown(retries: int) -> float:
+    """Seconds before the next attempt after a storage fault: half of 2, 4, 8, ... (at most 300)
+    fixed, the other half jittered, so retries spread out yet the default 5 span at least 31 s
+    of outage (full jitter could wait 0 s every time and spend them all in a moment)."""
+    base = min(STORAGE_BACKOFF_MAX, 2 ** (retries + 1))
+    return base / 2 + random.uniform(0, base / 2)
 
 
 def run_job_guarded(job: Any, **hooks: Any) -> dict:

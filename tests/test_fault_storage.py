@@ -253,14 +253,10 @@ def test_store_failing_at_write_time_leaves_no_output(fleet, failed_at_write_tim
     print(f"left in the bucket: {found['objects']}; error: {failed.message}")
 
 
-@pytest.mark.xfail(strict=True, reason="maskfleet/local_run.py JobRunner._write: a failed delete of the "
-                   "preview replaces the output's error (and the preview stays)")
 def test_store_failing_at_write_time_reports_the_outputs_error(fleet, failed_at_write_time):
     assert failed_at_write_time["failed"].message.startswith("output: cannot write")
 
 
-@pytest.mark.xfail(strict=True, reason="storage/errors.py: InvalidFile keeps only its message in args, so "
-                   "Celery cannot pickle or rebuild it and stores the nearest base class, ValueError")
 def test_storage_unavailable_reaches_the_producer_as_itself(fleet, proxy):
     job = s3_job(fleet, "class")
     proxy.fault("error")
