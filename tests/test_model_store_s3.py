@@ -277,3 +277,26 @@ def test_cache_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("MASKFLEET_MODEL_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert ModelStore("s3://bucket/models").cache_dir == tmp_path / "home" / ".cache" / "maskfleet" / "models"
+
+
+def test_unreachable_store_is_storage_unavailable_not_bad_input(s3_server, tmp_path, monkeypatch):
+    """An outage while listing a model is retried by the task (StorageUnavailable), not failed as bad input."""
+    import socket
+
+    from maskfleet.storage import StorageUnavailable, reset_s3_client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]  # nothing listens there once the socket is closed
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port}")
+    monkeypatch.setenv("MASKFLEET_S3_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("MASKFLEET_S3_CONNECT_TIMEOUT", "1")
+    reset_s3_client()
+    try:
+        with pytest.raises(StorageUnavailable) as info:
+            ModelStore("s3://models-bucket/models", tmp_path / "cache").local_dir("tiny", "base_sampler.model")
+    finally:
+        monkeypatch.undo()
+        reset_s3_client()
+    assert str(info.value).startswith("base_sampler.model: ")
+    assert not any((tmp_path / "cache").glob("tiny*"))
