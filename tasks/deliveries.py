@@ -11,8 +11,9 @@ failure, retry, cancellation: Celery's task_postrun). What is left counts only t
 deliveries whose process died. When a job starts with more than
 ``MASKFLEET_MAX_DELIVERIES`` (default 3) such deliveries behind it, it fails with
 :class:`PoisonJob` instead of running, and the queue moves on. A host lost while
-running a healthy job counts too, so the bound should stay above the number of host
-losses one job may meet.
+running a healthy job counts too, and so does a broker outage during a job (the worker
+ends the run and cannot reach Redis to clear the count), so the bound should stay above
+the number of such accidents one job may meet.
 """
 from __future__ import annotations
 
