@@ -40,21 +40,8 @@ class Settings:
         return self.result_expires
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}: expected an integer number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{name}: must be positive, got {value}")
-    return value
-
-
-def _count(env: Mapping[str, str], name: str, default: int) -> int:
-    """A non-negative integer setting (0 allowed)."""
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    """An integer setting from `env`, `default` when unset; ValueError naming it when below `minimum`."""
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -62,8 +49,8 @@ def _count(env: Mapping[str, str], name: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         raise ValueError(f"{name}: expected a whole number, got {raw!r}") from None
-    if value < 0:
-        raise ValueError(f"{name}: must not be negative, got {value}")
+    if value < minimum:
+        raise ValueError(f"{name}: must be at least {minimum}, got {value}")
     return value
 
 
@@ -87,6 +74,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     lease = _int(env, "MASKFLEET_LEASE_SECONDS", 30)
     expires = _int(env, "MASKFLEET_RESULT_EXPIRES", 86400)
     deliveries = _int(env, "MASKFLEET_MAX_DELIVERIES", 3)
-    retries = _count(env, "MASKFLEET_STORAGE_RETRIES", 5)
+    retries = _int(env, "MASKFLEET_STORAGE_RETRIES", 5, minimum=0)
     # The broker's visibility timeout is the lease: workers heartbeat what they hold (leases.py).
     return Settings(broker, backend, hard, soft, lease, expires, lease, deliveries, retries)

@@ -43,6 +43,17 @@ def claim_db_url(first: int = 1, last: int = 15) -> str:
     raise RuntimeError(f"no empty Redis DB in {first}..{last} at {REDIS_URL}")
 
 
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.02):
+    """Poll `predicate` until it returns something truthy (returned); AssertionError naming `what` at the deadline."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"no {what} within {timeout} s")
+
+
 def flush(url: str) -> None:
     redis.Redis.from_url(url).flushdb()
 

@@ -36,7 +36,7 @@ import torch
 from aof_history import result_states
 from golden_jobs import make_models_dir
 from redis_server import RedisServer
-from tiny_jobs import completions, deliveries, file_sha256, job_from, output_path, write_tiny_inputs
+from tiny_jobs import publish_report, completions, deliveries, file_sha256, job_from, output_path, write_tiny_inputs
 
 from maskfleet.client import _app, submit
 from maskfleet.job import parse_job
@@ -245,8 +245,6 @@ def test_redis_restart_mid_run_every_job_completes_once(fleet, capsys):
               f"{kept_queued} in the queue; broker-lost log lines {lost}, jobs terminated on connection loss "
               f"{cancelled}; worker log from broker lost to connected again {gaps} s; redelivered {redelivered}; "
               f"succeeded lines replayed from the done record {replayed}")
-    with capsys.disabled():
-        print("\n" + report)
-    (root / "fault_redis_report.txt").write_text(report + "\n")
+    publish_report(capsys, root / "fault_redis_report.txt", report)
     # Each worker saw the connection drop and came back (the outage really reached them).
     assert all("Connection to broker lost" in log.read_text(errors="replace") for log in logs)

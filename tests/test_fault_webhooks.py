@@ -25,7 +25,7 @@ from webhook_receiver import SECRET, Receiver
 from maskfleet.client import _app, submit
 from maskfleet.tasks.settings import model_queue
 from maskfleet.tasks.webhooks import WebhookSender, retry_options_from_env
-from fleet_workers import Worker, claim_db_url, flush, require_redis
+from fleet_workers import Worker, claim_db_url, flush, require_redis, wait_for
 
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
 MAX_ATTEMPTS = 8
@@ -106,15 +106,6 @@ def make_job(fleet, name: str, port: int | None, events: list[str] | None = None
         job["callback"] = {"url": hook_url(port), **({"events": events} if events else {})}
     return job
 
-
-def wait_for(predicate, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"no {what} after {timeout} s")
 
 
 def delivered(hook: Receiver, job_id: str) -> list[tuple[str, str, dict]]:

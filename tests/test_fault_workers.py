@@ -27,7 +27,7 @@ from maskfleet.job import parse_job
 from maskfleet.local_run import RunOptions, run_job
 from maskfleet.tasks.leases import UNACKED_INDEX_KEY
 from maskfleet.tasks.settings import model_queue
-from fleet_workers import Worker, claim_db_url, flush, require_redis
+from fleet_workers import Worker, claim_db_url, flush, require_redis, wait_for
 
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
 LONG_STEPS = 24  # a job of several seconds on this machine: long enough to be killed in the middle
@@ -115,15 +115,6 @@ def events(hook: Receiver, job_id: str, kind: str | None = None) -> list[tuple[s
         return [(msg_id, body["data"]) for msg_id, event_type, body in hook.received
                 if body["data"].get("job_id") == job_id and (kind is None or event_type == f"job.{kind}")]
 
-
-def wait_for(predicate, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def pool_child(worker: Worker) -> int:

@@ -22,7 +22,7 @@ from collections import Counter
 import pytest
 from golden_jobs import make_models_dir
 from redis_server import RedisServer
-from tiny_jobs import completions, deliveries, file_sha256, job_from, output_path, write_tiny_inputs
+from tiny_jobs import publish_report, completions, deliveries, file_sha256, job_from, output_path, write_tiny_inputs
 
 from maskfleet.client import _app, submit
 from maskfleet.tasks.redis_keys import done_key, submitted_key
@@ -181,7 +181,5 @@ def test_300_jobs_three_workers_all_once_keys_expire_memory_returns(fleet, capsy
               f"used_memory before {baseline} B, with results {peak} B, after expiry {after} B "
               f"(delta {after - baseline:+d} B); submitted keys expired before their job finished: "
               f"{submitted_expired}; keys left: {other}")
-    with capsys.disabled():
-        print("\n" + report)
-    (root / "fleet_load.txt").write_text(report + "\n")
+    publish_report(capsys, root / "fleet_load.txt", report)
     assert after - baseline < MEMORY_SLACK, report

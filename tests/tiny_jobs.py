@@ -73,3 +73,10 @@ def deliveries(logs: list[Path]) -> dict[str, int]:
         for task_id in RECEIVED.findall(log.read_text(errors="replace")):
             found[task_id] += 1
     return dict(found)
+
+
+def publish_report(capsys, path: Path, report: str) -> None:
+    """Show a test's figures on the terminal (even without -s) and keep them in `path`."""
+    with capsys.disabled():
+        print("\n" + report)
+    path.write_text(report + "\n")
