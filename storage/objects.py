@@ -129,7 +129,7 @@ def _read_s3(uri: str, field: str, max_bytes: int) -> bytes:
         # StreamingBody.read turns them into HTTPClientError like any other.
         body = response["Body"]
         try:
-            data = body.read(max_bytes + 1)
+            data = body.read(size + 1)  # what the HEAD said (size <= the cap), not up to the cap
         finally:
             body.close()
     except ClientError as e:
