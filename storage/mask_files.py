@@ -39,8 +39,9 @@ def decode_mask(data: bytes, field: str, name: str, *,
     of shape [H, W], [B, H, W] or [B, 1, H, W]; it must be finite with values in
     [0, 1] (anything outside is refused, not clamped: 255 or -1 means the producer
     meant another convention, and clamping would run a different job). Anything else
-    is opened with Pillow (PNG, JPEG, WebP...), see ``image_to_mask``; images over ``max_pixels`` pixels are refused. ``name`` (the
-    URI's last segment) is only checked for pickle suffixes.
+    is opened with Pillow (PNG, JPEG, WebP...), see ``image_to_mask``; images over
+    ``max_pixels`` pixels are refused. ``name`` (the URI's last segment) is only checked
+    for pickle suffixes.
     """
     reject_pickle_suffix(name, field)
     if is_safetensors(data):
