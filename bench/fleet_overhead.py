@@ -21,7 +21,6 @@ warm workers sharing the queue; jobs/s from the first submit to the last SUCCESS
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -38,21 +37,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from fleet_workers import Worker, claim_db_url, flush  # noqa: E402
-from golden_jobs import IN_REPO_GOLDEN, TINY_UNET, write_case_job  # noqa: E402
-from s3_server import S3Server  # noqa: E402
 
 from maskfleet.client import _app, submit  # noqa: E402
 from maskfleet.job import parse_job  # noqa: E402
 from maskfleet.local_run import JobRunner, RunOptions  # noqa: E402
-from maskfleet.storage import reset_s3_client  # noqa: E402
 from maskfleet.tasks.settings import model_queue  # noqa: E402
 from machine import cpu_model  # bench/machine.py (scripts run with bench/ on sys.path)
+from s3_setup import CASE, start_local_s3  # bench/s3_setup.py
 
-CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
-FOREIGN_AWS_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_DEFAULT_PROFILE")
 WAIT_S = 300.0
-
-
 
 
 def usable_cores() -> int:
@@ -60,29 +53,6 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
         return os.cpu_count() or 1
-
-
-def upload_tree(client, bucket: str, local_dir: Path, prefix: str) -> None:
-    for path in sorted(local_dir.rglob("*")):
-        if path.is_file():
-            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local_dir).as_posix()}")
-
-
-def s3_job_template(server: S3Server, bucket: str, work: Path, steps: int) -> dict:
-    """The case's job with every input on S3 (output left to the caller)."""
-    job_path, _, _ = write_case_job(CASE, work)
-    job = json.loads(job_path.read_text())
-    for field in ("latent", "mask"):
-        name = job[field].rsplit("/", 1)[1]
-        server.client.upload_file(job[field].removeprefix("file://"), bucket, f"in/{name}")
-        job[field] = f"s3://{bucket}/in/{name}"
-    for field in ("base_sampler", "mask_sampler"):
-        for kind in ("positive", "negative"):
-            name = job[field][kind].rsplit("/", 1)[1]
-            server.client.upload_file(job[field][kind].removeprefix("file://"), bucket, f"cond/{name}")
-            job[field][kind] = f"s3://{bucket}/cond/{name}"
-    job["steps"] = steps
-    return job
 
 
 def main() -> None:
@@ -109,17 +79,8 @@ def main() -> None:
     workers: list[Worker] = []
     try:
         url = claim_db_url()
-        server = S3Server.start(tmp)
-        for name in FOREIGN_AWS_ENV:
-            os.environ.pop(name, None)
-        os.environ.update(server.environment())
-        os.environ["AWS_CONFIG_FILE"] = str(tmp / "no-aws-config")
-        os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp / "no-aws-credentials")
-        reset_s3_client()
-        bucket = server.make_bucket()
-        upload_tree(server.client, bucket, TINY_UNET, "models/tiny")
-        models = f"s3://{bucket}/models"
-        template = s3_job_template(server, bucket, tmp / "inputs", args.steps)
+        s3 = start_local_s3(tmp, args.steps)
+        server, bucket, models, template = s3.server, s3.bucket, s3.models, s3.template
         app = _app(url)
         stamp = time.time_ns()
 

@@ -141,7 +141,7 @@ class JobRunner:
 
     def run(self, job: Job, on_progress: ProgressHook | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
         """Run `job` and return a small JSON-able result (never tensors)."""
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         check_job_uris(job)
         model_dirs = {field: self.store.local_dir(getattr(job, field).model, f"{field}.model") for field in SAMPLER_FIELDS}
         latent = read_latent(job.latent, "latent")
@@ -166,7 +166,7 @@ class JobRunner:
                 positive=cond[f"{field}.positive"],
                 negative=cond[f"{field}.negative"],
             )
-        loaded = time.perf_counter()
+        loaded, loaded_at = time.perf_counter(), time.time()
         out = sample_two_samplers(
             latent.to(self.device),
             mask,
@@ -198,6 +198,10 @@ class JobRunner:
                 "prepare": round(loaded - started, 4),
                 "sampling": round(sampled - loaded, 4),
             },
+            # Wall clock (Unix seconds): when the job started here, when its first model call
+            # began, when its output was written; bench/warm_gap.py measures the gap between jobs.
+            "timestamps": {"started": round(started_at, 6), "sampling": round(loaded_at, 6),
+                           "finished": round(time.time(), 6)},
         }
 
     @staticmethod
