@@ -4,8 +4,8 @@ The format readers and writers (latents, masks, conditioning) work on bytes and 
 this module for I/O, so every input goes through the same size cap and every output
 through the same whole-or-nothing write and sha256 stamp, wherever it lives:
 
-- reading S3: HEAD first, refusing objects over the cap before a byte is downloaded,
-  then GET with ``If-Match`` on the HEAD's ETag, so the object we sized is the one we get;
+- reading S3: one GET, whose headers give the size before the body is read: an object
+  over the cap is refused before a byte of it is downloaded;
 - writing S3: one PUT, or above ``MULTIPART_THRESHOLD`` boto3's managed upload, which
   completes the multipart upload or aborts it; either way an object appears whole or not
   at all, with ``Metadata={"sha256": hex}``;
@@ -119,17 +119,18 @@ def _read_s3(uri: str, field: str, max_bytes: int) -> bytes:
     bucket, key = parse_s3_uri(uri, field)
     client = get_s3_client()
     try:
-        head = client.head_object(Bucket=bucket, Key=key)
-        size = head["ContentLength"]
-        if size > max_bytes:
-            raise InvalidFile(field, f"{uri} is {size} bytes, over the {max_bytes}-byte input cap")
-        response = client.get_object(Bucket=bucket, Key=key, IfMatch=head["ETag"])
+        # One GET: its headers (the size) arrive before the body, which is read only when
+        # the size is under the cap; one request per input instead of a HEAD and a GET.
+        response = client.get_object(Bucket=bucket, Key=key)
+        size = response["ContentLength"]
         # Not `with response["Body"] as body`: that yields urllib3's raw stream, whose
         # errors (a connection reset half-way) escape as urllib3 exceptions; botocore's
         # StreamingBody.read turns them into HTTPClientError like any other.
         body = response["Body"]
         try:
-            data = body.read(size + 1)  # what the HEAD said (size <= the cap), not up to the cap
+            if size > max_bytes:  # closed unread: the connection is dropped, nothing downloaded
+                raise InvalidFile(field, f"{uri} is {size} bytes, over the {max_bytes}-byte input cap")
+            data = body.read(size + 1)  # what the headers said (size <= the cap), not up to the cap
         finally:
             body.close()
     except ClientError as e:
@@ -138,7 +139,7 @@ def _read_s3(uri: str, field: str, max_bytes: int) -> bytes:
         raise _client_error(e, uri, field, "read") from None
     except BotoCoreError as e:
         raise _botocore_error(e, uri, field, "read") from None
-    if len(data) != size:  # the GET was on the HEAD's ETag: the download, not the object, is short
+    if len(data) != size:  # one response, one version of the object: the download is short
         raise StorageUnavailable(
             field, f"cannot read {uri}: the download ended after {len(data)} of {size} bytes; "
             "try again")
@@ -181,7 +182,7 @@ def _code(error: ClientError) -> str:
 
 
 def _bucket_exists(client, bucket: str) -> bool:
-    """After a 404 on HEAD (which has no body to say why): is it the bucket that is missing?"""
+    """After a 404 without an S3 error code: is it the bucket that is missing?"""
     try:
         client.head_bucket(Bucket=bucket)
     except ClientError as e:

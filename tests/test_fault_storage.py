@@ -153,7 +153,7 @@ def retry_log_lines(fleet, job: dict) -> list[str]:
 
 TRANSIENT = {
     # name: (rules as (action, what to match, count, hold: seconds, or bytes for "cut"), task retries expected)
-    "reset, read timeout and 503 once each": ([("drop", "HEAD latent", ATTEMPTS - 1, 0),
+    "reset, read timeout and 503 once each": ([("drop", "GET latent", ATTEMPTS - 1, 0),
                                                ("delay", "GET mask", ATTEMPTS - 1, READ_TIMEOUT_S * 3),
                                                ("error", "PUT output", ATTEMPTS - 1, 0)], 0),
     "503 on everything for a while": ([("error", "any", ATTEMPTS + 1, 0)], 1),
@@ -164,7 +164,7 @@ TRANSIENT = {
 
 
 def install(fleet, proxy: FaultProxy, job: dict, rules) -> None:
-    targets = {"any": None, "HEAD latent": f"^HEAD {path_of(fleet, job['latent'])} ",
+    targets = {"any": None,
                "GET mask": f"^GET {path_of(fleet, job['mask'])} ",
                "GET latent": f"^GET {path_of(fleet, job['latent'])} ",
                "PUT output": f"^PUT {path_of(fleet, job['output'])} "}
@@ -196,7 +196,7 @@ def test_transient_fault_is_retried_and_the_job_succeeds(fleet, fault_free, prox
 PERMANENT = {
     # name: (action, what to match, field named by the error, what the message says)
     "store answering 503": ("error", "any", "latent",
-                            r"cannot read s3://\S+: S3 error 503 \(HTTP 503\), after retries"),
+                            r"cannot read s3://\S+: S3 error SlowDown \(HTTP 503\), after retries"),
     "store resetting connections": ("drop", "any", "latent",
                                     r"cannot read s3://\S+: Connection was closed before we received a valid response"),
     "output PUT answering 503": ("error", "PUT output", "output",
@@ -221,7 +221,7 @@ def test_permanent_fault_fails_the_job_after_bounded_retries_leaving_nothing(fle
     assert task_retries(fleet, job) == STORAGE_RETRIES
     assert len(retry_log_lines(fleet, job)) == STORAGE_RETRIES
     failing = job["output"] if field == "output" else job["latent"]
-    calls = proxy.seen(rf"^(HEAD|PUT) {path_of(fleet, failing)}$")
+    calls = proxy.seen(rf"^(GET|PUT) {path_of(fleet, failing)}$")
     assert len(calls) == CALLS_BEFORE_FAILING and {c.action for c in calls} == {action}
     assert leftovers(fleet, job) == {"objects": [], "uploads": []}
     if field == "output":  # the preview was written each time and taken back each time
