@@ -1,0 +1,111 @@
+"""What classifier-free guidance costs: batched cond+uncond, cfg 1.0 skipping uncond, one model for both samplers.
+
+(a) The same dual-sampler job (loop_efficiency.py's UNet and mask) with cfg 7 / 4 and with
+    cfg 1.0 for both samplers: the UNet rows each makes (a forward hook counts batch rows)
+    and the time ratio. cfg 1.0 needs no uncond pass, so it should cost about half.
+(b) cond and uncond as one batched forward `unet(cat([x, x]))` vs two forwards of one row:
+    what batching them saves on this machine.
+(c) A job whose samplers name the same model (golden case c03 through JobRunner): the
+    model is loaded once and shared (the loaded-model cache's load count).
+
+    python bench/guidance_cost.py [--steps 10] [--size 32] [--repeats 3] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from loop_efficiency import build_unet, timed  # bench/ is on sys.path for its scripts
+from machine import cpu_model
+from maskfleet.sampling import AdvancedSampler, NoiseSchedule, sample_two_samplers
+from maskfleet.sampling.unet_denoiser import UNetDenoiser
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job  # noqa: E402
+
+from maskfleet.job import parse_job  # noqa: E402
+from maskfleet.local_run import JobRunner, RunOptions  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--size", type=int, default=32, help="latent height = width")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    unet = build_unet()
+    denoiser = UNetDenoiser(unet, NoiseSchedule.from_config({}))
+    g = torch.Generator().manual_seed(1)
+    latent = torch.randn(1, 4, args.size, args.size, generator=g)
+    pos_b, neg_b, pos_m, neg_m = (torch.randn(1, 77, 64, generator=g) for _ in range(4))
+    yy, xx = torch.meshgrid(torch.arange(args.size), torch.arange(args.size), indexing="ij")
+    centre, radius = (args.size - 1) / 2, math.sqrt(0.3 * args.size**2 / math.pi)
+    mask = (((yy - centre) ** 2 + (xx - centre) ** 2) <= radius**2).float()
+
+    def job(cfg_base: float, cfg_mask: float):
+        base = AdvancedSampler(denoiser, cfg_base, "euler", "normal", pos_b, neg_b)
+        masked = AdvancedSampler(denoiser, cfg_mask, "euler", "normal", pos_m, neg_m)
+        return lambda: sample_two_samplers(latent, mask, base, masked, seed=0, steps=args.steps, denoise=1.0,
+                                           overlap_factor=3)
+
+    rows: list[int] = []
+    hook = unet.register_forward_pre_hook(lambda module, inputs: rows.append(inputs[0].shape[0]))
+    guided, unguided = job(7.0, 4.0), job(1.0, 1.0)
+    guided()
+    guided_rows, rows[:] = sum(rows), []
+    unguided()
+    unguided_rows = sum(rows)
+    hook.remove()
+
+    x1, x2 = torch.randn(1, 4, args.size, args.size, generator=g), torch.randn(2, 4, args.size, args.size, generator=g)
+    t1, t2 = torch.full((1,), 500.0), torch.full((2,), 500.0)
+    context2 = torch.cat([pos_b, neg_b])
+
+    def batched():
+        with torch.no_grad():
+            for _ in range(2 * args.steps):
+                unet(x2, t2, encoder_hidden_states=context2)
+
+    def separate():
+        with torch.no_grad():
+            for _ in range(2 * args.steps):
+                unet(x1, t1, encoder_hidden_states=pos_b)
+                unet(x1, t1, encoder_hidden_states=neg_b)
+
+    batched(), separate()  # warm-up
+    times: dict[str, list[float]] = {"guided": [], "unguided": [], "batched": [], "separate": []}
+    for _ in range(args.repeats):
+        for name, fn in (("guided", guided), ("unguided", unguided), ("batched", batched), ("separate", separate)):
+            times[name].append(timed(fn))
+    med = {name: statistics.median(values) for name, values in times.items()}
+
+    work = Path(tempfile.mkdtemp(prefix="guidance-"))
+    job_path, _, _ = write_case_job(IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0", work / "case")
+    runner = JobRunner(RunOptions(str(make_models_dir(work)), "cpu"))
+    spec = json.loads(job_path.read_text())
+    assert spec["base_sampler"]["model"] == spec["mask_sampler"]["model"]
+    runner.run(parse_job(spec))
+
+    print(f"machine: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"euler, {args.steps} steps, latent {args.size}x{args.size}")
+    print(f"(a) UNet rows: cfg 7/4 {guided_rows}, cfg 1.0 {unguided_rows} (ratio {unguided_rows / guided_rows:.2f}); "
+          f"time {med['guided']:.3f} s vs {med['unguided']:.3f} s, cfg 1.0 / cfg 7: {med['unguided'] / med['guided']:.3f}")
+    print(f"(b) cond+uncond batched {med['batched']:.3f} s vs two forwards {med['separate']:.3f} s: "
+          f"batched / separate {med['batched'] / med['separate']:.3f}")
+    print(f"(c) one model named by both samplers: loaded {runner.models.misses} time(s), "
+          f"{runner.models.hits} cache hit(s) in the job")
+
+
+if __name__ == "__main__":
+    main()
