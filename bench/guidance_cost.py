@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from loop_efficiency import build_unet, timed  # bench/ is on sys.path for its scripts
+from loop_efficiency import build_unet, job_inputs, timed  # bench/ is on sys.path for its scripts
 from machine import cpu_model
 from maskfleet.sampling import AdvancedSampler, NoiseSchedule, sample_two_samplers
 from maskfleet.sampling.unet_denoiser import UNetDenoiser
@@ -46,12 +45,7 @@ def main() -> None:
 
     unet = build_unet()
     denoiser = UNetDenoiser(unet, NoiseSchedule.from_config({}))
-    g = torch.Generator().manual_seed(1)
-    latent = torch.randn(1, 4, args.size, args.size, generator=g)
-    pos_b, neg_b, pos_m, neg_m = (torch.randn(1, 77, 64, generator=g) for _ in range(4))
-    yy, xx = torch.meshgrid(torch.arange(args.size), torch.arange(args.size), indexing="ij")
-    centre, radius = (args.size - 1) / 2, math.sqrt(0.3 * args.size**2 / math.pi)
-    mask = (((yy - centre) ** 2 + (xx - centre) ** 2) <= radius**2).float()
+    g, latent, mask, (pos_b, neg_b, pos_m, neg_m) = job_inputs(args.size)
 
     def job(cfg_base: float, cfg_mask: float):
         base = AdvancedSampler(denoiser, cfg_base, "euler", "normal", pos_b, neg_b)

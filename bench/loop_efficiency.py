@@ -47,6 +47,19 @@ def build_unet() -> UNet2DConditionModel:
     return unet.eval().requires_grad_(False)
 
 
+def job_inputs(size: int) -> tuple[torch.Generator, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The bench job's seeded inputs: the generator (for more draws), a 1x4xSxS latent, a
+    circular mask over ~30% of it, and base/mask positive/negative conditionings [1, 77, 64]."""
+    g = torch.Generator().manual_seed(1)
+    latent = torch.randn(1, 4, size, size, generator=g)
+    conds = [torch.randn(1, 77, 64, generator=g) for _ in range(4)]
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    radius = math.sqrt(0.3 * size**2 / math.pi)
+    centre = (size - 1) / 2
+    mask = (((yy - centre) ** 2 + (xx - centre) ** 2) <= radius**2).float()
+    return g, latent, mask, conds
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -66,13 +79,7 @@ def main() -> None:
 
     unet = build_unet()
     denoiser = UNetDenoiser(unet, NoiseSchedule.from_config({}))
-    g = torch.Generator().manual_seed(1)
-    latent = torch.randn(1, 4, args.size, args.size, generator=g)
-    pos_b, neg_b, pos_m, neg_m = (torch.randn(1, 77, 64, generator=g) for _ in range(4))
-    yy, xx = torch.meshgrid(torch.arange(args.size), torch.arange(args.size), indexing="ij")
-    radius = math.sqrt(0.3 * args.size**2 / math.pi)
-    centre = (args.size - 1) / 2
-    mask = (((yy - centre) ** 2 + (xx - centre) ** 2) <= radius**2).float()
+    g, latent, mask, (pos_b, neg_b, pos_m, neg_m) = job_inputs(args.size)
     base = AdvancedSampler(denoiser, 7.0, args.sampler, "normal", pos_b, neg_b)
     masked = AdvancedSampler(denoiser, 4.0, args.sampler, "normal", pos_m, neg_m)
 
