@@ -20,7 +20,7 @@ import time
 
 import pytest
 from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
-from webhook_receiver import SECRET, Receiver
+from webhook_receiver import SECRET, Receiver, clear_proxies
 
 from maskfleet.client import _app, submit
 from maskfleet.tasks.settings import model_queue
@@ -53,9 +53,7 @@ def fleet(tmp_path_factory):
     env = pytest.MonkeyPatch()
     worker = None
     try:
-        for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
-                     "no_proxy", "NO_PROXY"):
-            env.delenv(name, raising=False)
+        clear_proxies(env)
         env.setenv("MASKFLEET_CALLBACK_ALLOWLIST", allowed)  # the producer checks callbacks too
         worker = Worker("hookfaults", [model_queue("tiny")], url, make_models_dir(root), root / "worker.log",
                         extra_env={"MASKFLEET_WEBHOOK_SECRET": SECRET, "MASKFLEET_CALLBACK_ALLOWLIST": allowed,
@@ -254,8 +252,7 @@ def test_receiver_too_slow_once_gets_the_event_again_with_the_same_id(fleet, rec
 
 @pytest.fixture
 def no_proxies(monkeypatch):
-    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
+    clear_proxies(monkeypatch)
 
 
 def test_an_idle_lane_ends_and_a_later_event_starts_another(no_proxies, receivers):

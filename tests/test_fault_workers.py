@@ -20,7 +20,7 @@ import redis
 import torch
 from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
 from safetensors.torch import save_file
-from test_webhooks import SECRET, Receiver
+from webhook_receiver import SECRET, Receiver, clear_proxies
 
 from maskfleet.client import JobFailed, JobHandle, _app, submit
 from maskfleet.job import parse_job
@@ -55,8 +55,7 @@ def base(tmp_path_factory):
     allowed = f"127.0.0.1:{hook.server.server_address[1]}"
     env = pytest.MonkeyPatch()
     env.setenv("MASKFLEET_CALLBACK_ALLOWLIST", allowed)
-    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        env.delenv(name, raising=False)
+    clear_proxies(env)
     try:
         yield {"root": root, "models": make_models_dir(root), "job": json.loads(job_path.read_text()),
                "hook": hook, "worker_env": {"MASKFLEET_WEBHOOK_SECRET": SECRET, "MASKFLEET_CALLBACK_ALLOWLIST": allowed,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
-from webhook_receiver import SECRET, Receiver
+from webhook_receiver import SECRET, Receiver, clear_proxies
 
 from maskfleet.client import JobFailed, _app, submit
 from maskfleet.tasks.redis_keys import submitted_key
@@ -36,8 +36,8 @@ def fleet(tmp_path_factory):
     env = pytest.MonkeyPatch()
     worker = None
     try:
-        for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
-                     "MASKFLEET_MAX_JOB_SECONDS", "MASKFLEET_WEBHOOK_SECRET"):
+        clear_proxies(env)
+        for name in ("MASKFLEET_MAX_JOB_SECONDS", "MASKFLEET_WEBHOOK_SECRET"):
             env.delenv(name, raising=False)
         env.setenv("MASKFLEET_CALLBACK_ALLOWLIST", allowed)
         worker = Worker("webhooks", [model_queue("tiny")], url, make_models_dir(root), root / "worker.log",

@@ -42,6 +42,7 @@ from maskfleet.tasks.redis_keys import submitted_key
 from maskfleet.tasks.settings import TASK_NAME
 from maskfleet.tasks.webhooks import load_secret
 from redis_server import RedisServer
+from webhook_receiver import clear_proxies
 
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
 DEADLINE_S = 60.0
@@ -157,8 +158,7 @@ def fleet(tmp_path_factory, s3_server):
     env = pytest.MonkeyPatch()
     workers: dict[str, Worker] = {}
     try:
-        for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-            env.delenv(name, raising=False)
+        clear_proxies(env)
         env.setenv("MASKFLEET_CALLBACK_ALLOWLIST", allowed)  # this process submits callbacks to the receiver too
         common = {**s3_server.environment(), "AWS_SECRET_ACCESS_KEY": AWS_SECRET,  # moto takes any key
                   "MASKFLEET_WEBHOOK_SECRET": WEBHOOK_SECRET, "MASKFLEET_CALLBACK_ALLOWLIST": allowed,

@@ -10,7 +10,7 @@ from datetime import datetime
 import pytest
 from maskfleet.tasks.callback_policy import allowlist_from_env, check_callback_url
 from maskfleet.tasks.webhooks import WebhookSender, load_secret
-from webhook_receiver import SECRET, Receiver  # noqa: F401 (also imported from here by fleet tests)
+from webhook_receiver import SECRET, Receiver, clear_proxies
 
 LOGGER = "maskfleet.tasks.webhooks"
 
@@ -26,9 +26,7 @@ def wait_until(predicate, timeout):
 
 @pytest.fixture(autouse=True)
 def no_proxies(monkeypatch):
-    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
-                 "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
+    clear_proxies(monkeypatch)
     monkeypatch.delenv("MASKFLEET_CALLBACK_ALLOWLIST", raising=False)
 
 

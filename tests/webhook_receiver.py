@@ -17,6 +17,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+# Proxy settings under which the sender's POSTs to a loopback receiver would go to a proxy instead.
+PROXY_ENV = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
+def clear_proxies(monkeypatch) -> None:
+    """Remove PROXY_ENV from the environment for the test (a pytest MonkeyPatch undoes it)."""
+    for name in PROXY_ENV:
+        monkeypatch.delenv(name, raising=False)
 
 
 @dataclass(frozen=True)
