@@ -11,7 +11,11 @@ with JobOutOfMemory when the job does not fit the device (memory_limit.py), with
 PoisonJob when its worker died during each of its last deliveries (deliveries.py): none
 of them retried; retried with backoff when storage is unavailable (at most
 MASKFLEET_STORAGE_RETRIES times, after botocore's own retries), then FAILURE with
-StorageUnavailable; REVOKED when cancelled (see cancellation.py). Progress, webhooks
+StorageUnavailable; REVOKED when cancelled (see cancellation.py). A job that loses Redis
+while it runs (our own keys: delivery count, cancel flag, finished results) is handed
+back to the queue with no state stored (Reject with requeue), never FAILURE: the outage
+is not the job's fault, and a FAILURE seen for a moment would end a producer's wait.
+Progress, webhooks
 (status_events.py), cancellation and idempotency live in their own modules; this body
 only wires their hooks into the run.
 """
@@ -20,6 +24,9 @@ from __future__ import annotations
 import os
 import random
 from typing import Any
+
+import redis
+from celery.exceptions import Reject
 
 from ..job import JobError, parse_job
 from ..local_run import JobRunner, RunOptions
@@ -97,26 +104,34 @@ def run_job_guarded(job: Any, **hooks: Any) -> dict:
 
 @app.task(bind=True, name=TASK_NAME)
 def sample(self: Any, job_data: dict) -> dict:
+    try:
+        return run_task(self, job_data)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+        raise Reject(f"Redis unreachable during the job, handed back to the queue: {e}", requeue=True) from None
+
+
+def run_task(task: Any, job_data: dict) -> dict:
+    """The job body; a Redis connection error raised anywhere in it reaches `sample`."""
     settings = load_settings()
-    check_not_poison(self.request.id, settings.max_deliveries)
+    check_not_poison(task.request.id, settings.max_deliveries)
     try:
         job = parse_job(job_data)
         if job.time_limit is not None:  # never more than this worker's own hard limit
             check_time_limit(job.time_limit, app.conf.task_time_limit)
     except (JobError, ValueError) as e:
         raise InvalidJob(str(e)) from None
-    announce_start(self, job)
-    if cancel_requested(self.request.id):
-        end_cancelled(self)
+    announce_start(task, job)
+    if cancel_requested(task.request.id):
+        end_cancelled(task)
     done = finished_result(job)
     if done is not None:
         return done
     try:
-        return run_job_guarded(job, on_progress=task_progress(self), should_stop=stop_hook(self.request.id))
+        return run_job_guarded(job, on_progress=task_progress(task), should_stop=stop_hook(task.request.id))
     except SamplingStopped:
-        end_cancelled(self)
+        end_cancelled(task)
     except StorageUnavailable as e:
-        raise self.retry(exc=e, countdown=storage_retry_countdown(self.request.retries),
+        raise task.retry(exc=e, countdown=storage_retry_countdown(task.request.retries),
                          max_retries=settings.storage_retries) from None
     except (InvalidInput, InvalidFile) as e:
         raise InvalidJob(str(e)) from None

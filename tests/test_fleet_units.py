@@ -64,3 +64,24 @@ def test_launcher_default_queues_cover_the_local_store(tmp_path, monkeypatch):
     (tmp_path / "m1").mkdir()
     monkeypatch.setenv("MASKFLEET_MODELS", str(tmp_path))
     assert launcher.worker_queues(None) == [DEFAULT_QUEUE, model_queue("m1")]
+
+
+def test_a_job_that_cannot_reach_redis_is_handed_back_not_failed(monkeypatch):
+    """Our keys unreachable (a closed port): the task rejects its message for requeue, with no FAILURE."""
+    import socket
+
+    from celery.exceptions import Reject
+
+    from maskfleet.tasks import redis_keys
+    from maskfleet.tasks.sample_task import sample
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASKFLEET_RESULT_BACKEND", f"redis://127.0.0.1:{port}/0")
+    monkeypatch.setattr(redis_keys, "_client", None)
+    with pytest.raises(Reject) as caught:
+        sample.run({"job_id": "unreachable"})
+    assert caught.value.requeue is True
+    assert "Redis unreachable" in str(caught.value.reason)
+    monkeypatch.setattr(redis_keys, "_client", None)
