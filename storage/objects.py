@@ -30,6 +30,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from .allowed_roots import confine
 from .errors import InvalidFile, StorageUnavailable
 from .file_uris import DEFAULT_MAX_INPUT_BYTES, local_path, read_bytes, write_atomic
+from .prefetched_objects import served
 from .s3_client import get_s3_client, parse_s3_uri
 
 MULTIPART_THRESHOLD = 64 << 20
@@ -68,7 +69,8 @@ def object_name(uri: Uri, field: str) -> str:
 def read_object(uri: Uri, field: str, max_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> bytes:
     """Return the whole object or file named by ``uri``, refusing anything over ``max_bytes``."""
     if is_s3_uri(uri):
-        return _read_s3(uri, field, max_bytes)
+        ahead = served(uri, max_bytes)
+        return ahead if ahead is not None else _read_s3(uri, field, max_bytes)
     path = confine(_local(uri, field), field)
     return read_bytes(path, field, max_bytes)
 

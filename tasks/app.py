@@ -51,8 +51,10 @@ def configure(app: Celery, settings: Settings) -> None:
         task_acks_late=True,
         # ...also when the child process is killed (OOM, segfault) rather than the worker.
         task_reject_on_worker_lost=True,
-        # A worker holds one job at a time: jobs wait in Redis for a free GPU, not in a busy worker.
-        worker_prefetch_multiplier=1,
+        # A worker holds the job it runs and MASKFLEET_PREFETCH_JOBS more (default none): other
+        # jobs wait in Redis for a free GPU, not in a busy worker. A job held ahead has its
+        # inputs read while the previous one samples (input_prefetch.py); leases cover it too.
+        worker_prefetch_multiplier=1 + settings.prefetch_jobs,
         # Redis redelivers an unacked job once its lease ran out: a dead worker's job within
         # a minute, a live worker's never, however long it runs (leases.py).
         broker_transport_options=transport,
@@ -89,5 +91,6 @@ def worker_only_settings(conf: Any = None, **_: Any) -> None:
 
 
 app = Celery("maskfleet", include=["maskfleet.tasks.sample_task", "maskfleet.tasks.metrics", "maskfleet.tasks.json_logs",
-                                   "maskfleet.tasks.leases", "maskfleet.tasks.deliveries"])
+                                   "maskfleet.tasks.leases", "maskfleet.tasks.deliveries",
+                                   "maskfleet.tasks.input_prefetch"])
 configure(app, load_settings())

@@ -38,6 +38,7 @@ from .cancellation import cancel_requested, end_cancelled, stop_hook
 from .deliveries import check_not_poison
 from .errors import InvalidJob, JobOutOfMemory
 from .idempotency import finished_result
+from .input_prefetch import served_inputs
 from .memory_limit import apply_memory_limit, describe, free_memory, is_out_of_memory, memory_limit_mb
 from .progress import task_progress
 from .settings import TASK_NAME, check_time_limit, load_settings
@@ -127,7 +128,8 @@ def run_task(task: Any, job_data: dict) -> dict:
     if done is not None:
         return done
     try:
-        return run_job_guarded(job, on_progress=task_progress(task), should_stop=stop_hook(task.request.id))
+        with served_inputs(task.request.id):
+            return run_job_guarded(job, on_progress=task_progress(task), should_stop=stop_hook(task.request.id))
     except SamplingStopped:
         end_cancelled(task)
     except StorageUnavailable as e:

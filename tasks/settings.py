@@ -34,6 +34,7 @@ class Settings:
     lease_seconds: int = 30  # a worker's hold on the jobs it reserved lasts this long without a heartbeat
     max_deliveries: int = 3  # deliveries whose worker died before a job gives it up as poison (deliveries.py)
     storage_retries: int = 5  # task retries (with backoff) after botocore's own retries ran out
+    prefetch_jobs: int = 0  # jobs a worker reserves beyond the one it runs, their inputs read ahead (input_prefetch.py)
 
     @property
     def key_ttl(self) -> int:
@@ -75,5 +76,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     expires = _int(env, "MASKFLEET_RESULT_EXPIRES", 86400)
     deliveries = _int(env, "MASKFLEET_MAX_DELIVERIES", 3)
     retries = _int(env, "MASKFLEET_STORAGE_RETRIES", 5, minimum=0)
+    prefetch = _int(env, "MASKFLEET_PREFETCH_JOBS", 0, minimum=0)
     # The broker's visibility timeout is the lease: workers heartbeat what they hold (leases.py).
-    return Settings(broker, backend, hard, soft, lease, expires, lease, deliveries, retries)
+    return Settings(broker, backend, hard, soft, lease, expires, lease, deliveries, retries, prefetch)

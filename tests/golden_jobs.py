@@ -69,3 +69,20 @@ def write_case_job(case_dir: Path, work: Path) -> tuple[Path, dict, dict[str, to
     job_path = work / "job.json"
     job_path.write_text(json.dumps(job, indent=1))
     return job_path, case, t
+
+
+def upload_case_inputs(client, bucket: str, work: Path, case: Path) -> dict:
+    """The golden case's inputs under s3://bucket/in/; the job document naming them."""
+    job_path, _, _ = write_case_job(case, work)
+    job = json.loads(job_path.read_text())
+
+    def upload(uri: str) -> str:
+        name = uri.rsplit("/", 1)[1]
+        client.upload_file(uri.removeprefix("file://"), bucket, f"in/{name}")
+        return f"s3://{bucket}/in/{name}"
+
+    job["latent"], job["mask"] = upload(job["latent"]), upload(job["mask"])
+    for field in ("base_sampler", "mask_sampler"):
+        for kind in ("positive", "negative"):
+            job[field][kind] = upload(job[field][kind])
+    return job

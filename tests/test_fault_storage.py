@@ -21,7 +21,7 @@ import re
 import time
 
 import pytest
-from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
+from golden_jobs import IN_REPO_GOLDEN, make_models_dir, upload_case_inputs
 from safetensors.torch import load
 from tcp_fault_proxy import FaultProxy
 
@@ -45,7 +45,7 @@ def fleet(s3_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("fault-storage")
     url = claim_db_url()
     bucket = s3_server.make_bucket()
-    job = upload_case_inputs(s3_server.client, bucket, root / "inputs")
+    job = upload_case_inputs(s3_server.client, bucket, root / "inputs", CASE)
     proxy = FaultProxy(("127.0.0.1", s3_server.port))
     worker = None
     try:
@@ -88,23 +88,6 @@ def fault_free(fleet):
     assert ((out - reference).norm() / reference.norm()).item() <= 1e-4
     assert hashlib.sha256(data).hexdigest() == result["sha256"]
     return {"bytes": data, "sha256": result["sha256"], "wall_s": time.monotonic() - started}
-
-
-def upload_case_inputs(client, bucket: str, work) -> dict:
-    """The golden case's inputs under s3://bucket/in/; the job document naming them."""
-    job_path, _, _ = write_case_job(CASE, work)
-    job = json.loads(job_path.read_text())
-
-    def upload(uri: str) -> str:
-        name = uri.rsplit("/", 1)[1]
-        client.upload_file(uri.removeprefix("file://"), bucket, f"in/{name}")
-        return f"s3://{bucket}/in/{name}"
-
-    job["latent"], job["mask"] = upload(job["latent"]), upload(job["mask"])
-    for field in ("base_sampler", "mask_sampler"):
-        for kind in ("positive", "negative"):
-            job[field][kind] = upload(job[field][kind])
-    return job
 
 
 def s3_job(fleet, name: str) -> dict:

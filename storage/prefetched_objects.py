@@ -1,0 +1,34 @@
+"""Objects read ahead for the job this process is about to run, served instead of a second read.
+
+A worker that holds a job behind the one it runs reads that job's S3 inputs while the
+GPU is busy (tasks/input_prefetch.py) and hands the bytes to the process that will run
+it. `read_object` asks here first, so every format reader (latents, masks,
+conditioning) takes them without knowing where they came from. Only S3 URIs are served:
+a local file is read where it lies, so its confinement to MASKFLEET_ALLOWED_ROOTS is
+checked as always. An object over the reader's size cap is not served (the real read
+then refuses it with the usual message).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
+_served: dict[str, bytes] = {}
+
+
+@contextmanager
+def serving(objects: Mapping[str, bytes]) -> Iterator[None]:
+    """Serve `objects` (S3 URI -> bytes) to `read_object` for the duration of the block."""
+    _served.update(objects)
+    try:
+        yield
+    finally:
+        _served.clear()
+
+
+def served(uri: object, max_bytes: int) -> bytes | None:
+    """The bytes read ahead for `uri`, or None when there are none (or they exceed `max_bytes`)."""
+    data = _served.get(uri) if isinstance(uri, str) else None
+    if data is None or len(data) > max_bytes:
+        return None
+    return data
