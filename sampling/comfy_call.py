@@ -10,12 +10,12 @@ result into the call's input and run a second "recovery" pass over the same step
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .guidance import Denoiser, guided_denoise
-from .noise_sources import BrownianNoise, ComfyRng
+from .noise_sources import JobRandomness, Randomness  # noqa: F401 (JobRandomness re-exported for callers)
 from .samplers import RECOVERY_SAMPLERS, SAMPLERS, SamplerInfo, StepContext
 from .schedulers import schedule_for
 
@@ -30,14 +30,6 @@ class AdvancedSampler:
     scheduler: str
     positive: torch.Tensor
     negative: torch.Tensor
-
-
-@dataclass
-class JobRandomness:
-    """The job's seed and its ComfyUI-ordered generator, shared by every call of the job."""
-
-    seed: int
-    rng: ComfyRng = field(default_factory=ComfyRng)
 
 
 @dataclass(frozen=True)
@@ -88,7 +80,7 @@ def _one_pass(
     end: int,
     add_noise: bool,
     leftover: bool,
-    randomness: JobRandomness,
+    randomness: Randomness,
     schedules: ScheduleCache,
 ) -> torch.Tensor:
     denoiser = sampler.denoiser
@@ -98,9 +90,8 @@ def _one_pass(
         return x_in
     # The sigmas stay on the CPU (0-d CPU tensors mix with tensors on any device), so the
     # steps' sigma comparisons and the denoiser's timestep lookup never wait on a GPU.
-    rng, seed = randomness.rng, randomness.seed
     if add_noise:
-        noise = rng.seeded_randn(seed, x_in.shape, x_in.device)
+        noise = randomness.start_noise(x_in.shape, x_in.device)
         sigma_max = float(denoiser.schedule.sigma_max)
         s0 = float(sigmas[0])
         max_denoise = math.isclose(sigma_max, s0, rel_tol=1e-05) or s0 > sigma_max
@@ -109,7 +100,7 @@ def _one_pass(
         noise = None
         x = x_in
     if info.inpaint_random_noise:
-        noise = rng.seeded_randn(seed + 1, x_in.shape, x_in.device)
+        noise = randomness.inpaint_noise(x_in.shape, x_in.device)
     kept = x_in * region.outside  # what the model's output is replaced by outside the mask
 
     def model(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -119,10 +110,10 @@ def _one_pass(
         return denoised * region.inside + kept
 
     if info.noise == "ancestral":
-        noise_source = lambda sigma, sigma_next: rng.randn(x.shape, x.device)  # noqa: E731
+        noise_source = lambda sigma, sigma_next: randomness.ancestral_noise(x.shape, x.device)  # noqa: E731
     elif info.noise == "brownian":
         positive = total[total > 0]
-        noise_source = BrownianNoise(x, positive.min(), total.max(), seed)
+        noise_source = randomness.brownian(x, positive.min(), total.max())
     else:
         noise_source = None
     ctx = StepContext(model=model, noise=noise_source)
@@ -143,7 +134,7 @@ def advanced_call(
     end: int,
     add_noise: bool,
     leftover: bool,
-    randomness: JobRandomness,
+    randomness: Randomness,
     schedules: ScheduleCache,
 ) -> torch.Tensor:
     """Run `sampler` over steps [start, end) of its `steps`-step schedule inside `region`."""

@@ -16,6 +16,7 @@ import torch
 from .comfy_call import AdvancedSampler, JobRandomness, RegionMask, ScheduleCache, advanced_call
 from .errors import InvalidInput, SamplingStopped
 from .masks import check_mask_fits, check_overlap, grow_mask, inverse_mask, normalize_mask, to_latent
+from .noise_sources import Randomness
 from .samplers import check_sampler_name
 from .schedulers import check_scheduler_name
 
@@ -67,12 +68,16 @@ def sample_two_samplers(
     mode: Literal["comfy"] = "comfy",
     on_progress: ProgressHook | None = None,
     should_stop: StopHook | None = None,
+    randomness: Randomness | None = None,
 ) -> torch.Tensor:
     """Denoise `latent` (raw latent space, [B, C, H, W]) with two samplers split by `mask`.
 
     Returns a clean latent of the input's shape and dtype. `on_progress` is called after
     every sampler call; `should_stop` is checked before every call and raises
     `SamplingStopped` when it returns true.
+
+    `randomness` (default: the draws of `seed`) replaces the job's random draws;
+    `job_batch.py` passes one that serves a batch of jobs, each with its own seed.
     """
     _validate(latent, seed, steps, denoise, overlap_factor, mode, base, mask_sampler)
     b, _, h, w = latent.shape
@@ -84,7 +89,7 @@ def sample_two_samplers(
 
     adv_steps, start = plan_steps(steps, denoise)
     total_calls = 2 * (adv_steps - start)
-    randomness = JobRandomness(seed)
+    randomness = JobRandomness(seed) if randomness is None else randomness
     schedules = ScheduleCache()
     scale = base.denoiser.latent_scale
     x = latent.float() * scale
