@@ -84,6 +84,7 @@ class Job(BaseModel):
     steps: int = Field(20, ge=1, le=10000, description="Steps the job runs.")
     denoise: float = Field(1.0, gt=0.0, le=1.0, description="Fraction of the schedule to run: the schedule has int(steps / denoise) steps and the job runs its last `steps`.")
     overlap_factor: int = Field(10, ge=0, le=10000, description="Box size (latent pixels) by which the mask sampler's region grows past the mask.")
+    crop_margin: int | None = Field(None, ge=0, le=10000, description="Opt-in speed-up, off when left out: the mask sampler runs on its grown region's bounding box plus this many latent pixels of context on each side (sides rounded up to fixed sizes), not the whole latent. Faster for small masks; the result differs slightly from full frame (the model sees less context; ancestral/SDE mask samplers draw other noise).")
     latent: str = Field(min_length=1, description="URI of the input latent: ComfyUI .latent or safetensors with one [B, C, H, W] tensor.")
     mask: str = Field(min_length=1, description="URI of the mask: PNG (ComfyUI LoadImageMask conventions) or safetensors, any resolution, values in [0, 1].")
     base_sampler: SamplerSpec = Field(description="Sampler for everything outside the mask.")

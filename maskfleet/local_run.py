@@ -176,6 +176,7 @@ class JobRunner:
             steps=job.steps,
             denoise=job.denoise,
             overlap_factor=job.overlap_factor,
+            crop_margin=job.crop_margin,
             mode=job.mode,
             on_progress=on_progress,
             should_stop=should_stop,

@@ -6,10 +6,13 @@ crop margin the loop hands the mask sampler only the grown mask's bounding box p
 `margin` latent pixels of context on each side, then pastes the result back. The base
 sampler still runs over the whole latent every step.
 
-The box's sides are rounded up to a few fixed sizes (`CROP_SIZES`, all multiples of 8, so
-every UNet down to SD's /8 can halve them) so that model input shapes repeat across jobs
-(kernels and allocator caches get reused) and so that the model never sees a sliver. A
-box that would cover the whole latent is no crop at all (`None`): full frame.
+The box's sides are rounded up to a few fixed sizes (`crop_size`: 16..64 in steps of 8,
+then four sizes per octave, 80, 96, 112, 128, 160, ...; all multiples of 8, so SD's UNet
+can halve them three times) so that model input shapes repeat across jobs (kernels,
+autotuning and allocator caches get reused) and the model never sees a sliver. Four per
+octave wastes at most a quarter of a side on rounding; coarser steps (48 -> 64) would
+turn many boxes into full frame on a 64x64 latent. A box that would cover the whole
+latent is no crop at all (`None`): full frame.
 
 The result is not the full-frame result: the model sees less context (attention and
 group norm span the whole input), and the mask sampler's random draws (ancestral step
@@ -25,9 +28,7 @@ import torch
 
 from .errors import InvalidInput
 
-# Past the last size, sides round up to a multiple of LARGE_STEP.
-CROP_SIZES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-LARGE_STEP = 256
+MIN_CROP_SIZE = 16
 MAX_CROP_MARGIN = 10000
 
 
@@ -65,11 +66,15 @@ def check_crop_margin(margin: int | None) -> None:
 
 
 def crop_size(needed: int) -> int:
-    """The smallest fixed size >= `needed`: one of CROP_SIZES, past them a multiple of LARGE_STEP."""
-    for size in CROP_SIZES:
-        if size >= needed:
-            return size
-    return -(-needed // LARGE_STEP) * LARGE_STEP
+    """The smallest fixed size >= `needed`: 16..64 by 8, then by an eighth of the octave's top.
+
+    Above 64 the step is 16 up to 128, 32 up to 256, 64 up to 512 and so on: four sizes
+    per octave, each a multiple of 8.
+    """
+    if needed <= 64:
+        return max(MIN_CROP_SIZE, -(-needed // 8) * 8)
+    step = 1 << ((needed - 1).bit_length() - 3)
+    return -(-needed // step) * step
 
 
 def _axis(present: torch.Tensor, margin: int) -> tuple[int, int]:
