@@ -1,0 +1,232 @@
+"""Several jobs sampled as one batch: what makes them batchable, and running them together.
+
+Jobs that share models, samplers, schedules and shapes (everything in `BatchKey`) can
+run as one latent batch: their latents, masks and conditionings are concatenated along
+dim 0, the two-sampler loop runs once, and the output is split back per job. Each job
+keeps its own randomness (`JobBatchRandomness`: its seed, generator stream and Brownian
+tree over its own rows), so the only thing that can differ from running it alone is the
+model's arithmetic on a larger batch:
+
+- `forward="fused"` evaluates all jobs' rows in one model forward (the point of batching).
+  Kernels may round a row differently at another batch size: on CPU, MKL's sgemm picks
+  its kernel by the number of rows (1, 2-3, 4+ behave differently for the UNet's time
+  embedding) and oneDNN's convolution treats a batch of 1 differently from larger ones,
+  so rows differ from an unbatched run by float rounding (about 1e-6 relative per
+  evaluation). A model whose rows do not depend on the batch gives bitwise equal outputs.
+- `forward="per_job"` evaluates each job's rows in their own forward, laid out exactly as
+  the job alone lays them out (cond and uncond of that job in one call): bitwise equal to
+  unbatched runs on any device, but the model work is not fused.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+from .comfy_call import AdvancedSampler
+from .errors import InvalidInput
+from .guidance import Denoiser, _batch
+from .masks import check_mask_fits, normalize_mask
+from .noise_sources import JobBatchRandomness
+from .two_sampler_loop import MAX_SEED, ProgressHook, StopHook, sample_two_samplers
+
+FORWARDS = ("fused", "per_job")
+
+
+@dataclass
+class BatchJob:
+    """One job of a batch: the arguments `sample_two_samplers` takes for it alone."""
+
+    latent: torch.Tensor  # [b, C, H, W], raw latent space; b may differ between jobs
+    mask: torch.Tensor  # [h, w], [1 or b, h, w] or [1 or b, 1, h, w]
+    base: AdvancedSampler
+    mask_sampler: AdvancedSampler
+    seed: int
+    steps: int
+    denoise: float = 1.0
+    overlap_factor: int = 10
+    mode: str = "comfy"
+
+
+@dataclass(frozen=True)
+class ConditioningKey:
+    """A conditioning's shape past its batch dimension ([T, D]), dtype and device."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, cond: torch.Tensor) -> "ConditioningKey":
+        return cls(tuple(cond.shape[1:]), cond.dtype, cond.device)
+
+
+@dataclass(frozen=True)
+class SamplerKey:
+    """What must be equal in one sampler of two jobs; the denoiser is compared by identity."""
+
+    denoiser: Denoiser  # the same loaded model object (as a model cache hands out)
+    sampler_name: str
+    scheduler: str
+    cfg: float
+    positive: ConditioningKey
+    negative: ConditioningKey
+
+    @classmethod
+    def of(cls, sampler: AdvancedSampler) -> "SamplerKey":
+        return cls(sampler.denoiser, sampler.sampler_name, sampler.scheduler, float(sampler.cfg),
+                   ConditioningKey.of(sampler.positive), ConditioningKey.of(sampler.negative))
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Jobs with equal keys run as one batch; seeds, latent and mask values, latent batch
+    sizes and conditioning values may differ."""
+
+    base: SamplerKey
+    mask_sampler: SamplerKey
+    steps: int
+    denoise: float
+    overlap_factor: int
+    mode: str
+    latent_shape: tuple[int, ...]  # [C, H, W]
+    latent_dtype: torch.dtype
+    device: torch.device
+    mask_shape: tuple[int, int]  # the mask's [h, w] (any resolution, but the same for all)
+
+
+def batch_key(job: BatchJob, field: str = "job") -> BatchKey:
+    """The key under which `job` batches; InvalidInput (naming `field`) for a malformed job."""
+    if job.latent.ndim != 4:
+        raise InvalidInput(f"{field}.latent", f"expected shape [B, C, H, W], got {list(job.latent.shape)}")
+    if job.mask.ndim not in (2, 3, 4):
+        raise InvalidInput(f"{field}.mask", f"expected shape [H, W] or [B, H, W], got {list(job.mask.shape)}")
+    return BatchKey(
+        base=SamplerKey.of(job.base),
+        mask_sampler=SamplerKey.of(job.mask_sampler),
+        steps=int(job.steps),
+        denoise=float(job.denoise),
+        overlap_factor=int(job.overlap_factor),
+        mode=job.mode,
+        latent_shape=tuple(job.latent.shape[1:]),
+        latent_dtype=job.latent.dtype,
+        device=job.latent.device,
+        mask_shape=(int(job.mask.shape[-2]), int(job.mask.shape[-1])),
+    )
+
+
+def _first_difference(a, b, prefix: str = "") -> str:
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x):
+            found = _first_difference(x, y, f"{prefix}{f.name}.")
+            if found:
+                return found
+        elif x != y:
+            shown = (f"{type(x).__name__} object {id(x):#x}", f"{type(y).__name__} object {id(y):#x}") \
+                if f.name == "denoiser" else (repr(x), repr(y))
+            return f"{prefix}{f.name} is {shown[1]}, not {shown[0]} as in items[0]"
+    return ""
+
+
+def check_batchable(items: Sequence[BatchJob]) -> BatchKey:
+    """The items' common key; InvalidInput naming the first item and field that differ."""
+    if not items:
+        raise InvalidInput("items", "a batch needs at least one job")
+    keys = [batch_key(item, f"items[{i}]") for i, item in enumerate(items)]
+    for i, key in enumerate(keys[1:], start=1):
+        if key != keys[0]:
+            raise InvalidInput(f"items[{i}]", f"cannot be batched with items[0]: {_first_difference(keys[0], key)}")
+    return keys[0]
+
+
+class PerJobForward:
+    """A denoiser that evaluates each job's rows in a forward of their own.
+
+    The batched loop hands the model either all jobs' rows (cfg 1, or cond and uncond of
+    different shapes) or `guided_denoise`'s layout `cat([x, x])` with `cat([pos, neg])`;
+    in the latter each job gets `cat([x_i, x_i])` with `cat([pos_i, neg_i])`, exactly what
+    it gets alone, so its rows are computed by the same kernels as in an unbatched run.
+    """
+
+    def __init__(self, inner: Denoiser, rows: Sequence[int]):
+        self.inner = inner
+        self.schedule = inner.schedule
+        self.latent_scale = inner.latent_scale
+        self.rows = list(rows)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        total = sum(self.rows)
+        if x.shape[0] == total:
+            blocks = zip(x.split(self.rows), context.split(self.rows))
+            return torch.cat([self.inner.denoise(xb, sigma, cb) for xb, cb in blocks])
+        if x.shape[0] != 2 * total:
+            raise ValueError(f"expected {total} or {2 * total} rows, got {x.shape[0]}")
+        xs = zip(x[:total].split(self.rows), x[total:].split(self.rows))
+        cs = zip(context[:total].split(self.rows), context[total:].split(self.rows))
+        outs = [self.inner.denoise(torch.cat([xc, xu]), sigma, torch.cat([cc, cu])) for (xc, xu), (cc, cu) in zip(xs, cs)]
+        cond = [out[:r] for out, r in zip(outs, self.rows)]
+        uncond = [out[r:] for out, r in zip(outs, self.rows)]
+        return torch.cat(cond + uncond)
+
+
+def _batched_sampler(samplers: list[AdvancedSampler], rows: list[int], forward: str) -> AdvancedSampler:
+    """One sampler over all rows: each job's conditioning repeated to its own latent batch
+    (as `guidance._batch` does for it alone), then concatenated."""
+    first = samplers[0]
+    positive = torch.cat([_batch(s.positive, r) for s, r in zip(samplers, rows)])
+    negative = torch.cat([_batch(s.negative, r) for s, r in zip(samplers, rows)])
+    denoiser = PerJobForward(first.denoiser, rows) if forward == "per_job" else first.denoiser
+    return AdvancedSampler(denoiser, first.cfg, first.sampler_name, first.scheduler, positive, negative)
+
+
+def sample_job_batch(
+    items: Sequence[BatchJob],
+    *,
+    forward: Literal["fused", "per_job"] = "fused",
+    on_progress: ProgressHook | None = None,
+    should_stop: StopHook | None = None,
+) -> list[torch.Tensor]:
+    """Sample `items` as one batch; returns one clean latent per item, in order, each of its
+    item's shape and dtype.
+
+    All items must share one `BatchKey` (InvalidInput naming `items[i]` and the field
+    otherwise). The hooks see the batch as one job: `on_progress(done, total, which)` after
+    each of the 2 * steps sampler calls, `should_stop()` before each (SamplingStopped stops
+    every job of the batch).
+    """
+    if forward not in FORWARDS:
+        raise InvalidInput("forward", f"unknown forward {forward!r}; valid: {', '.join(FORWARDS)}")
+    key = check_batchable(items)
+    rows, masks = [], []
+    for i, item in enumerate(items):
+        b = item.latent.shape[0]
+        field = f"items[{i}]"
+        if not torch.is_floating_point(item.latent) or not torch.isfinite(item.latent).all():
+            raise InvalidInput(f"{field}.latent", "must be floating point with finite values")
+        if not 0 <= item.seed <= MAX_SEED:
+            raise InvalidInput(f"{field}.seed", f"must be in 0..{MAX_SEED}")
+        try:
+            mask = normalize_mask(item.mask, b)
+            check_mask_fits(mask, item.latent.shape)
+        except InvalidInput as e:
+            raise InvalidInput(f"{field}.{e.field}", e.reason) from None
+        rows.append(b)
+        masks.append(mask.expand(b, -1, -1))
+    out = sample_two_samplers(
+        torch.cat([item.latent for item in items]),
+        torch.cat(masks).to(key.device),
+        _batched_sampler([item.base for item in items], rows, forward),
+        _batched_sampler([item.mask_sampler for item in items], rows, forward),
+        seed=items[0].seed,  # validated; the draws come from `randomness`, one seed per job
+        steps=key.steps,
+        denoise=key.denoise,
+        overlap_factor=key.overlap_factor,
+        mode=key.mode,
+        on_progress=on_progress,
+        should_stop=should_stop,
+        randomness=JobBatchRandomness.of([item.seed for item in items], rows),
+    )
+    return [part.clone() for part in out.split(rows)]
