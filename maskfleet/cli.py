@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="start one Celery worker per visible GPU, or one on the CPU")
     worker.add_argument("--models-served", default=None, help="comma-separated model names: consume only their queues")
     worker.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPUs if any)")
-    worker.add_argument("--concurrency", type=int, default=1, help="pool processes per worker (default: 1)")
+    worker.add_argument("--concurrency", type=int, default=1, help="pool processes per worker (default: 1; a pipelined worker, MASKFLEET_PIPELINE=1, runs 2 x MASKFLEET_BATCH_JOBS job threads instead)")
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(func=cmd_worker)
 

@@ -12,6 +12,7 @@ so a bad job fails fast, names the field to fix and leaves no output behind.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,10 @@ import torch
 
 from .job import Job, PromptText
 from .model_cache import LoadedModels
+from .model_lane import ModelLane
+from .prepared_job import PreparedJob, batch_key
 from .prompt_encoder import PromptEncoder
-from .sampling import AdvancedSampler, sample_two_samplers
+from .sampling import AdvancedSampler
 from .sampling.errors import InvalidInput
 from .sampling.masks import check_mask_fits, check_overlap
 from .sampling.unet_denoiser import UNetDenoiser, load_unet_denoiser, unet_inputs
@@ -123,9 +126,15 @@ def check_inputs_fit(job: Job, latent: torch.Tensor, mask: torch.Tensor, cond: d
 
 
 class JobRunner:
-    """Runs jobs one after another, keeping models and prompt encodings loaded between them."""
+    """Runs jobs, keeping models and prompt encodings loaded between them.
 
-    def __init__(self, options: RunOptions):
+    Alone, it runs a job start to end in the caller's thread. With a ModelLane (the
+    pipelined worker) several threads may call `run` at once: each prepares its job
+    (reads inputs, loads models under a lock), hands it to the lane, which samples jobs
+    one after another or batched, and writes its own output.
+    """
+
+    def __init__(self, options: RunOptions, lane: ModelLane | None = None):
         if options.dtype not in DTYPES:
             raise InvalidInput("dtype", f"unknown dtype {options.dtype!r}; valid: {', '.join(DTYPES)}")
         self.device = resolve_device(options.device)
@@ -133,17 +142,21 @@ class JobRunner:
         self.store = ModelStore(options.models_root, options.model_cache_dir)
         self.models: LoadedModels[UNetDenoiser] = LoadedModels(device=self.device, dtype=self.dtype)
         self.prompts = PromptEncoder(self.device, self.dtype)
+        self.lane = lane
+        self._loading = threading.Lock()  # model store, model LRU and prompt encoder: one thread at a time
 
     def _conditioning(self, value: str | PromptText, model_dir: Path, field: str) -> torch.Tensor:
         if isinstance(value, PromptText):
-            return self.prompts.encode(model_dir, value.prompt, field)
+            with self._loading:
+                return self.prompts.encode(model_dir, value.prompt, field)
         return read_conditioning(value, field).to(self.device)
 
-    def run(self, job: Job, on_progress: ProgressHook | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
-        """Run `job` and return a small JSON-able result (never tensors)."""
+    def prepare(self, job: Job) -> PreparedJob:
+        """Read and check every input, then load the models: everything before the first model call."""
         started, started_at = time.perf_counter(), time.time()
         check_job_uris(job)
-        model_dirs = {field: self.store.local_dir(getattr(job, field).model, f"{field}.model") for field in SAMPLER_FIELDS}
+        with self._loading:
+            model_dirs = {field: self.store.local_dir(getattr(job, field).model, f"{field}.model") for field in SAMPLER_FIELDS}
         latent = read_latent(job.latent, "latent")
         mask = read_mask(job.mask, "mask")
         cond = {
@@ -155,9 +168,10 @@ class JobRunner:
         samplers = {}
         for field in SAMPLER_FIELDS:
             spec = getattr(job, field)
-            denoiser = self.models.get(
-                spec.model, f"{field}.model", lambda d=model_dirs[field]: load_unet_denoiser(d, self.device, self.dtype)
-            )
+            with self._loading:
+                denoiser = self.models.get(
+                    spec.model, f"{field}.model", lambda d=model_dirs[field]: load_unet_denoiser(d, self.device, self.dtype)
+                )
             samplers[field] = AdvancedSampler(
                 denoiser=denoiser,
                 cfg=spec.cfg,
@@ -166,25 +180,26 @@ class JobRunner:
                 positive=cond[f"{field}.positive"],
                 negative=cond[f"{field}.negative"],
             )
-        loaded, loaded_at = time.perf_counter(), time.time()
-        out = sample_two_samplers(
-            latent.to(self.device),
-            mask,
-            samplers["base_sampler"],
-            samplers["mask_sampler"],
-            seed=job.seed,
-            steps=job.steps,
-            denoise=job.denoise,
-            overlap_factor=job.overlap_factor,
-            crop_margin=job.crop_margin,
-            mode=job.mode,
-            on_progress=on_progress,
-            should_stop=should_stop,
-        ).cpu()
-        sampled = time.perf_counter()
+        return PreparedJob(job, latent.to(self.device), mask, samplers["base_sampler"], samplers["mask_sampler"],
+                           started, started_at)
+
+    def run(self, job: Job, on_progress: ProgressHook | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+        """Run `job` and return a small JSON-able result (never tensors)."""
+        if self.lane is None:
+            prepared = self.prepare(job)
+            out = prepared.sample(on_progress, should_stop)
+        else:
+            with self.lane.expecting() as expected:
+                prepared = self.prepare(job)
+                out = self.lane.run(prepared, batch_key(prepared), on_progress, should_stop, expected)
+        return self.finish(prepared, out.cpu())
+
+    def finish(self, prepared: PreparedJob, out: torch.Tensor) -> dict:
+        """Check and write the sampled latent (and preview); the job's result."""
+        job = prepared.job
         if not torch.isfinite(out).all():
             raise InvalidInput("output", "sampling produced NaN or infinite values; nothing was written")
-        family = "sdxl" if abs(samplers["base_sampler"].denoiser.latent_scale - SDXL_LATENT_SCALE) < 1e-6 else "sd15"
+        family = "sdxl" if abs(prepared.base.denoiser.latent_scale - SDXL_LATENT_SCALE) < 1e-6 else "sd15"
         sha256 = self._write(job, out, family)
         return {
             "job_id": job.job_id,
@@ -195,14 +210,15 @@ class JobRunner:
             "dtype": str(out.dtype).removeprefix("torch."),
             "device": str(self.device),
             "seconds": {
-                "total": round(time.perf_counter() - started, 4),
-                "prepare": round(loaded - started, 4),
-                "sampling": round(sampled - loaded, 4),
+                "total": round(time.perf_counter() - prepared.started, 4),
+                "prepare": round(prepared.sampling_at - prepared.started_at, 4),
+                "sampling": round(prepared.sampled_at - prepared.sampling_at, 4),
             },
             # Wall clock (Unix seconds): when the job started here, when its first model call
-            # began, when its output was written; bench/warm_gap.py measures the gap between jobs.
-            "timestamps": {"started": round(started_at, 6), "sampling": round(loaded_at, 6),
-                           "finished": round(time.time(), 6)},
+            # began and its last ended, when its output was written; bench/warm_gap.py
+            # measures the GPU's idle time between jobs from them.
+            "timestamps": {"started": round(prepared.started_at, 6), "sampling": round(prepared.sampling_at, 6),
+                           "sampled": round(prepared.sampled_at, 6), "finished": round(time.time(), 6)},
         }
 
     @staticmethod

@@ -76,7 +76,7 @@ def configure(app: Celery, settings: Settings) -> None:
 
 
 @celeryd_init.connect
-def worker_only_settings(conf: Any = None, **_: Any) -> None:
+def worker_only_settings(conf: Any = None, options: Any = None, **_: Any) -> None:
     """Settings for worker processes, not for producers that share this app.
 
     A result write that finds Redis down waits for it (with backoff) instead of failing.
@@ -85,9 +85,14 @@ def worker_only_settings(conf: Any = None, **_: Any) -> None:
     REVOKED and ack the message once reconnected, and the job would never run again.
     Producers keep failing fast: their status() calls should raise, not hang, while
     Redis is away.
+
+    In the thread pool (the pipelined worker, pipelined_worker.py) a running job cannot be
+    terminated, so the job is not cancelled on a broker connection loss there.
     """
     if conf is not None:
         conf.result_backend_always_retry = True
+        if str((options or {}).get("pool_cls") or "") in ("threads", "celery.concurrency.thread:TaskPool"):
+            conf.worker_cancel_long_running_tasks_on_connection_loss = False
 
 
 app = Celery("maskfleet", include=["maskfleet.tasks.sample_task", "maskfleet.tasks.metrics", "maskfleet.tasks.json_logs",

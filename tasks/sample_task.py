@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from typing import Any
 
 import redis
@@ -40,16 +41,24 @@ from .errors import InvalidJob, JobOutOfMemory
 from .idempotency import finished_result
 from .input_prefetch import served_inputs
 from .memory_limit import apply_memory_limit, describe, free_memory, is_out_of_memory, memory_limit_mb
+from .pipelined_worker import model_lane, within_time_limit
 from .progress import task_progress
 from .settings import TASK_NAME, check_time_limit, load_settings
 from .status_events import announce_start
 
 _runner: tuple[int, JobRunner] | None = None
+_making_runner = threading.Lock()  # a pipelined worker's job threads ask for it at once
 STORAGE_BACKOFF_MAX = 300  # seconds, the longest wait between two attempts of a job on storage faults
 
 
 def runner() -> JobRunner:
-    """This process's JobRunner, from MASKFLEET_MODELS, MASKFLEET_DEVICE (auto), MASKFLEET_DTYPE (float32)."""
+    """This process's JobRunner, from MASKFLEET_MODELS, MASKFLEET_DEVICE (auto), MASKFLEET_DTYPE (float32),
+    with a model lane when the worker is pipelined (MASKFLEET_PIPELINE, pipelined_worker.py)."""
+    with _making_runner:
+        return _make_runner()
+
+
+def _make_runner() -> JobRunner:
     global _runner
     if _runner is None or _runner[0] != os.getpid():
         threads = os.environ.get("MASKFLEET_TORCH_THREADS")
@@ -66,7 +75,7 @@ def runner() -> JobRunner:
             device=os.environ.get("MASKFLEET_DEVICE") or "auto",
             dtype=os.environ.get("MASKFLEET_DTYPE") or "float32",
         )
-        job_runner = JobRunner(options)
+        job_runner = JobRunner(options, lane=model_lane(load_settings()))
         try:
             apply_memory_limit(job_runner.device, memory_limit_mb())
         except ValueError as e:
@@ -87,6 +96,12 @@ def storage_retry_countdown(retries: int) -> float:
     of outage (full jitter could wait 0 s every time and spend them all in a moment)."""
     base = min(STORAGE_BACKOFF_MAX, 2 ** (retries + 1))
     return base / 2 + random.uniform(0, base / 2)
+
+
+def soft_seconds(task: Any) -> float | None:
+    """The running job's soft time limit: its own (sent with the job) or the worker's."""
+    limits = getattr(task.request, "timelimit", None) or (None, None)
+    return limits[1] or app.conf.task_soft_time_limit
 
 
 def run_job_guarded(job: Any, **hooks: Any) -> dict:
@@ -127,9 +142,12 @@ def run_task(task: Any, job_data: dict) -> dict:
     done = finished_result(job)
     if done is not None:
         return done
+    should_stop = stop_hook(task.request.id)
+    if settings.pipeline:  # no signal can stop a thread: the soft limit is checked between sampler calls
+        should_stop = within_time_limit(should_stop, soft_seconds(task))
     try:
         with served_inputs(task.request.id):
-            return run_job_guarded(job, on_progress=task_progress(task), should_stop=stop_hook(task.request.id))
+            return run_job_guarded(job, on_progress=task_progress(task), should_stop=should_stop)
     except SamplingStopped:
         end_cancelled(task)
     except StorageUnavailable as e:

@@ -35,6 +35,8 @@ class Settings:
     max_deliveries: int = 3  # deliveries whose worker died before a job gives it up as poison (deliveries.py)
     storage_retries: int = 5  # task retries (with backoff) after botocore's own retries ran out
     prefetch_jobs: int = 0  # jobs a worker reserves beyond the one it runs, their inputs read ahead (input_prefetch.py)
+    pipeline: bool = False  # job threads around one model lane instead of one job process (pipelined_worker.py)
+    batch_jobs: int = 1  # the most jobs a pipelined worker samples as one batch
 
     @property
     def key_ttl(self) -> int:
@@ -77,5 +79,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     deliveries = _int(env, "MASKFLEET_MAX_DELIVERIES", 3)
     retries = _int(env, "MASKFLEET_STORAGE_RETRIES", 5, minimum=0)
     prefetch = _int(env, "MASKFLEET_PREFETCH_JOBS", 0, minimum=0)
+    pipeline = _int(env, "MASKFLEET_PIPELINE", 0, minimum=0)
+    if pipeline > 1:
+        raise ValueError(f"MASKFLEET_PIPELINE: expected 0 or 1, got {pipeline}")
+    batch = _int(env, "MASKFLEET_BATCH_JOBS", 1)
+    if batch > 1 and not pipeline:
+        raise ValueError("MASKFLEET_BATCH_JOBS: batching needs the pipelined worker (MASKFLEET_PIPELINE=1)")
     # The broker's visibility timeout is the lease: workers heartbeat what they hold (leases.py).
-    return Settings(broker, backend, hard, soft, lease, expires, lease, deliveries, retries, prefetch)
+    return Settings(broker, backend, hard, soft, lease, expires, lease, deliveries, retries, prefetch,
+                    bool(pipeline), batch)

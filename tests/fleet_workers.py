@@ -12,6 +12,9 @@ from pathlib import Path
 import redis
 from celery import Celery
 
+from maskfleet.tasks.pipelined_worker import pool_arguments
+from maskfleet.tasks.settings import load_settings
+
 REDIS_URL = os.environ.get("MASKFLEET_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
@@ -59,7 +62,8 @@ def flush(url: str) -> None:
 
 
 class Worker:
-    """`python -m celery -A maskfleet.tasks.app worker -P prefork -c 1` on the given queues."""
+    """`python -m celery -A maskfleet.tasks.app worker -P prefork -c 1` on the given queues
+    (the thread pool of a pipelined worker when `extra_env` has MASKFLEET_PIPELINE=1)."""
 
     def __init__(self, name: str, queues: list[str], url: str, models: Path, log: Path, extra_env: dict | None = None):
         self.name = f"{name}@test"
@@ -68,7 +72,7 @@ class Worker:
                **(extra_env or {})}
         self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "maskfleet.tasks.app", "worker", "-P", "prefork", "-c", "1",
+            [sys.executable, "-m", "celery", "-A", "maskfleet.tasks.app", "worker", *pool_arguments(load_settings(env)),
              "-n", self.name, "-Q", ",".join(queues), "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
             env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )

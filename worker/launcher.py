@@ -3,7 +3,9 @@
 Each child is `celery -A maskfleet.tasks.app worker -P prefork -c 1`, pinned to its GPU
 with CUDA_VISIBLE_DEVICES and named maskfleet@<host>-gpuN (or -cpu). Prefork with one
 child keeps time limits and termination working, and the model is loaded in that child
-after the fork. GPUs are counted with nvidia-smi (or CUDA_VISIBLE_DEVICES), never by
+after the fork. With MASKFLEET_PIPELINE=1 each is a thread-pool worker instead
+(tasks/pipelined_worker.py): job threads around one model lane, so the GPU never waits
+on a job's I/O or on Celery's handover. GPUs are counted with nvidia-smi (or CUDA_VISIBLE_DEVICES), never by
 initialising CUDA in this process.
 
 Queues: with --models-served a,b the worker takes only maskfleet.model.a and
@@ -24,7 +26,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from ..tasks.settings import DEFAULT_QUEUE, model_queue
+from ..tasks.pipelined_worker import pool_arguments
+from ..tasks.settings import DEFAULT_QUEUE, load_settings, model_queue
 
 
 def visible_gpus() -> list[str]:
@@ -70,11 +73,12 @@ def worker_specs(device: str, queues: list[str], concurrency: int = 1, loglevel:
     slots = [(f"gpu{g}", {"CUDA_VISIBLE_DEVICES": g, "MASKFLEET_DEVICE": "cuda"}) for g in gpus] or [
         ("cpu", {"CUDA_VISIBLE_DEVICES": "", "MASKFLEET_DEVICE": "cpu"})
     ]
+    pool = pool_arguments(load_settings(), concurrency)
     specs = []
     for suffix, extra in slots:
         name = f"maskfleet@{host}-{suffix}"
-        argv = [sys.executable, "-m", "celery", "-A", "maskfleet.tasks.app", "worker", "-P", "prefork",
-                "-c", str(concurrency), "-n", name, "-Q", ",".join(queues), "--loglevel", loglevel]
+        argv = [sys.executable, "-m", "celery", "-A", "maskfleet.tasks.app", "worker", *pool,
+                "-n", name, "-Q", ",".join(queues), "--loglevel", loglevel]
         specs.append(WorkerSpec(name, {**os.environ, **extra}, argv))
     return specs
 

@@ -1,0 +1,65 @@
+"""A job ready for the model: its tensors on the device, its samplers built; sampled alone or in a batch.
+
+JobRunner.prepare makes one (inputs read and checked, models loaded); sampling it is
+the only part that needs the model, so a pipelined worker's model lane (model_lane.py)
+runs `sample_batch` on one or several of them while other threads prepare and write.
+Jobs batch when `batch_key` is equal and not None.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+from .job import Job
+from .sampling import AdvancedSampler, sample_two_samplers
+
+ProgressHook = Callable[[int, int, str], None]
+StopHook = Callable[[], bool]
+
+
+@dataclass
+class PreparedJob:
+    """A job whose inputs are read and checked and whose models are loaded: what sampling needs."""
+
+    job: Job
+    latent: torch.Tensor  # on the runner's device
+    mask: torch.Tensor
+    base: AdvancedSampler
+    mask_sampler: AdvancedSampler
+    started: float  # perf_counter and wall clock when the job started here
+    started_at: float
+    sampling_at: float = 0.0  # wall clock: first model call, end of sampling
+    sampled_at: float = 0.0
+
+    def sample(self, on_progress: ProgressHook | None = None, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Sample this job alone; records when its model calls began and ended."""
+        self.sampling_at = time.time()
+        out = sample_two_samplers(
+            self.latent,
+            self.mask,
+            self.base,
+            self.mask_sampler,
+            seed=self.job.seed,
+            steps=self.job.steps,
+            denoise=self.job.denoise,
+            overlap_factor=self.job.overlap_factor,
+            crop_margin=self.job.crop_margin,
+            mode=self.job.mode,
+            on_progress=on_progress,
+            should_stop=should_stop,
+        )
+        self.sampled_at = time.time()
+        return out
+
+
+def batch_key(prepared: PreparedJob) -> Hashable | None:
+    """What jobs must share to run as one batch; None: this job runs alone."""
+    return None
+
+
+def sample_batch(works: Sequence[PreparedJob], on_progress: ProgressHook, should_stop: StopHook) -> list[torch.Tensor]:
+    """Sample prepared jobs of one batch key: one after another for now, one output per job."""
+    return [work.sample(on_progress, should_stop) for work in works]
