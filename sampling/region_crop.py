@@ -17,8 +17,9 @@ latent is no crop at all (`None`): full frame.
 The result is not the full-frame result: the model sees less context (attention and
 group norm span the whole input), and the mask sampler's random draws (ancestral step
 noise, ddim's inpaint noise, the Brownian tree) take the cropped shape, so they are other
-numbers. Ancestral and SDE mask samplers also add their step noise only inside the box,
-where full frame adds it over the whole latent between base steps. Hence opt-in.
+numbers. Ancestral mask samplers (and lcm) also add their step noise only inside the box,
+where full frame adds it over the whole latent between base steps (the SDE samplers'
+recovery pass already discards it outside their region). Hence opt-in.
 """
 from __future__ import annotations
 
