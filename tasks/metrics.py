@@ -41,7 +41,7 @@ import time
 from typing import Any, Iterator
 
 from celery import states
-from celery.signals import task_postrun, task_prerun, worker_process_init
+from celery.signals import task_postrun, task_prerun, worker_process_init, worker_ready
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -151,6 +151,14 @@ def _on_process_init(**_: Any) -> None:
     from billiard.process import current_process
 
     serve(getattr(current_process(), "index", 0) or 0)
+
+
+@worker_ready.connect
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    """A thread-pool worker (the pipelined worker) runs jobs in its main process: serve from there."""
+    pool = getattr(sender, "pool", None)
+    if pool is not None and type(pool).__module__ == "celery.concurrency.thread":
+        serve(0)
 
 
 def _ours(task: Any) -> bool:

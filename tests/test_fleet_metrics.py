@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
-import urllib.request
 
 import pytest
 from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
-from prometheus_client.parser import text_string_to_metric_families
+from metrics_scrape import free_port, scrape
 
 from maskfleet.client import JobFailed, _app, submit
 from maskfleet.tasks.settings import model_queue
@@ -17,18 +15,6 @@ from fleet_workers import Worker, claim_db_url, flush, require_redis
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
 
 require_redis()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def make_job(root, name: str) -> dict:

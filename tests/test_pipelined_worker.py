@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from golden_jobs import make_models_dir
+from metrics_scrape import free_port, scrape
 from tiny_jobs import file_sha256, job_from, output_path, write_tiny_inputs
 
 from maskfleet.client import JobFailed, _app, submit
@@ -34,11 +35,12 @@ def fleet(tmp_path_factory):
     models = make_models_dir(root)
     template = write_tiny_inputs(root / "inputs", size=16)
     template["steps"] = STEPS
+    port = free_port()
     worker = Worker("pipelined", [model_queue("tiny")], url, models, root / "worker.log",
-                    {"MASKFLEET_PIPELINE": "1", "MASKFLEET_TORCH_THREADS": "1", "MASKFLEET_METRICS_PORT": "0"})
+                    {"MASKFLEET_PIPELINE": "1", "MASKFLEET_TORCH_THREADS": "1", "MASKFLEET_METRICS_PORT": str(port)})
     try:
         worker.wait_ready(_app(url))
-        yield {"root": root, "url": url, "models": models, "template": template, "worker": worker}
+        yield {"root": root, "url": url, "models": models, "template": template, "worker": worker, "port": port}
     finally:
         worker.stop()
         flush(url)
@@ -73,6 +75,9 @@ def test_queued_jobs_sample_one_at_a_time_with_the_in_process_output(fleet):
     assert all(n["sampling"] >= p["sampled"] for p, n in pairs), stamps  # one model lane: never two at once
     # The next job was prepared meanwhile and began sampling before the previous job's output was written.
     assert any(n["sampling"] < p["finished"] for p, n in pairs), stamps
+    # No pool process here: the worker's main process serves the metrics.
+    succeeded = scrape(fleet["port"])[("maskfleet_jobs_total", (("outcome", "succeeded"),))]
+    assert succeeded >= len(jobs)
 
 
 def test_cancel_stops_a_running_job_without_output(fleet):
