@@ -114,6 +114,8 @@ class ModelLane:
         while True:
             batch = self._take_batch()
             self.batches.append(len(batch))
+            if len(batch) > 1:
+                log.info("sampling %d jobs as one batch", len(batch))
             self._run(batch)
 
     def _run(self, batch: list[_Waiting]) -> None:

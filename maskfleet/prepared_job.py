@@ -15,6 +15,8 @@ import torch
 
 from .job import Job
 from .sampling import AdvancedSampler, sample_two_samplers
+from .sampling.job_batch import BatchJob, sample_job_batch
+from .sampling.job_batch import batch_key as engine_batch_key
 
 ProgressHook = Callable[[int, int, str], None]
 StopHook = Callable[[], bool]
@@ -33,6 +35,12 @@ class PreparedJob:
     started_at: float
     sampling_at: float = 0.0  # wall clock: first model call, end of sampling
     sampled_at: float = 0.0
+
+    def batch_job(self) -> BatchJob:
+        """This job as one item of a cross-job batch."""
+        job = self.job
+        return BatchJob(self.latent, self.mask, self.base, self.mask_sampler, job.seed, job.steps, job.denoise,
+                        job.overlap_factor, job.mode)
 
     def sample(self, on_progress: ProgressHook | None = None, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
         """Sample this job alone; records when its model calls began and ended."""
@@ -56,10 +64,22 @@ class PreparedJob:
 
 
 def batch_key(prepared: PreparedJob) -> Hashable | None:
-    """What jobs must share to run as one batch; None: this job runs alone."""
-    return None
+    """What jobs must share to run as one batch (sampling/job_batch.py's BatchKey); None: this
+    job runs alone (a cropped mask sampler works on the job's own box, which a batch cannot share)."""
+    if prepared.job.crop_margin is not None:
+        return None
+    return engine_batch_key(prepared.batch_job())
 
 
-def sample_batch(works: Sequence[PreparedJob], on_progress: ProgressHook, should_stop: StopHook) -> list[torch.Tensor]:
-    """Sample prepared jobs of one batch key: one after another for now, one output per job."""
-    return [work.sample(on_progress, should_stop) for work in works]
+def sample_batch(works: Sequence[PreparedJob], on_progress: ProgressHook, should_stop: StopHook,
+                 forward: str = "fused") -> list[torch.Tensor]:
+    """Sample prepared jobs of one batch key, one output per job; one job alone takes the plain path."""
+    if len(works) == 1:
+        return [works[0].sample(on_progress, should_stop)]
+    started = time.time()
+    outs = sample_job_batch([w.batch_job() for w in works], forward=forward,  # type: ignore[arg-type]
+                            on_progress=on_progress, should_stop=should_stop)
+    ended = time.time()
+    for work in works:
+        work.sampling_at, work.sampled_at = started, ended
+    return outs

@@ -23,6 +23,7 @@ What the thread pool cannot do, and what stands in for it here:
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Callable
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -42,7 +43,9 @@ def pool_arguments(settings: Settings, processes: int = 1) -> list[str]:
 
 def model_lane(settings: Settings) -> ModelLane | None:
     """The process's model lane when the worker is pipelined, else None (jobs sample in their own process)."""
-    return ModelLane(sample_batch, max_batch=settings.batch_jobs) if settings.pipeline else None
+    if not settings.pipeline:
+        return None
+    return ModelLane(partial(sample_batch, forward=settings.batch_forward), max_batch=settings.batch_jobs)
 
 
 def within_time_limit(should_stop: Callable[[], bool], soft_seconds: float | None) -> Callable[[], bool]:

@@ -15,6 +15,7 @@ DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 QUEUE_PREFIX = "maskfleet"
 DEFAULT_QUEUE = QUEUE_PREFIX  # jobs sent by name without routing, and workers that serve every model
 TASK_NAME = "maskfleet.sample"
+BATCH_FORWARDS = ("fused", "per_job")  # sampling/job_batch.py's FORWARDS
 KEY_PREFIX = "maskfleet"  # Redis keys of our own: maskfleet:done:*, maskfleet:cancel:*, maskfleet:submitted:*
 
 
@@ -37,6 +38,7 @@ class Settings:
     prefetch_jobs: int = 0  # jobs a worker reserves beyond the one it runs, their inputs read ahead (input_prefetch.py)
     pipeline: bool = False  # job threads around one model lane instead of one job process (pipelined_worker.py)
     batch_jobs: int = 1  # the most jobs a pipelined worker samples as one batch
+    batch_forward: str = "fused"  # a batch's model forward: fused (one) or per_job (bitwise the unbatched runs)
 
     @property
     def key_ttl(self) -> int:
@@ -85,6 +87,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     batch = _int(env, "MASKFLEET_BATCH_JOBS", 1)
     if batch > 1 and not pipeline:
         raise ValueError("MASKFLEET_BATCH_JOBS: batching needs the pipelined worker (MASKFLEET_PIPELINE=1)")
+    forward = (env.get("MASKFLEET_BATCH_FORWARD") or "fused").strip()
+    if forward not in BATCH_FORWARDS:
+        raise ValueError(f"MASKFLEET_BATCH_FORWARD: expected one of {', '.join(BATCH_FORWARDS)}, got {forward!r}")
     # The broker's visibility timeout is the lease: workers heartbeat what they hold (leases.py).
     return Settings(broker, backend, hard, soft, lease, expires, lease, deliveries, retries, prefetch,
-                    bool(pipeline), batch)
+                    bool(pipeline), batch, forward)

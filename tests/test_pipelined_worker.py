@@ -1,10 +1,11 @@
 """The pipelined worker (MASKFLEET_PIPELINE=1): job threads around one model lane, with a real Celery worker.
 
-One worker (`-P threads`, 2 job threads, one torch thread) on a claimed Redis DB runs
-jobs whose inputs and outputs are local files. What must hold: every output is bitwise
-the in-process run's; the lane samples one job at a time (sampling windows never
-overlap) while the other thread's I/O overlaps them; cancel and the soft time limit,
-which a thread pool cannot enforce with signals, still stop a running job with no output.
+One worker (`-P threads`, batches of up to 2 jobs so 4 job threads, the `per_job` batch
+forward, one torch thread) on a claimed Redis DB runs jobs whose inputs and outputs are
+local files. What must hold: every output is bitwise the in-process run's, batched or
+not; the lane samples one batch at a time (sampling windows never overlap) while other
+threads' I/O overlaps them; cancel and the soft time limit, which a thread pool cannot
+enforce with signals, still stop a running job with no output.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def fleet(tmp_path_factory):
     template["steps"] = STEPS
     port = free_port()
     worker = Worker("pipelined", [model_queue("tiny")], url, models, root / "worker.log",
-                    {"MASKFLEET_PIPELINE": "1", "MASKFLEET_TORCH_THREADS": "1", "MASKFLEET_METRICS_PORT": str(port)})
+                    {"MASKFLEET_PIPELINE": "1", "MASKFLEET_BATCH_JOBS": "2", "MASKFLEET_BATCH_FORWARD": "per_job",
+                     "MASKFLEET_TORCH_THREADS": "1", "MASKFLEET_METRICS_PORT": str(port)})
     try:
         worker.wait_ready(_app(url))
         yield {"root": root, "url": url, "models": models, "template": template, "worker": worker, "port": port}
@@ -63,14 +65,17 @@ def make_job(fleet, name: str, **changes) -> dict:
     return job_from(fleet["template"], job_id, fleet["root"] / "out" / f"{job_id}.latent", **changes)
 
 
-def test_queued_jobs_sample_one_at_a_time_with_the_in_process_output(fleet):
+def test_queued_jobs_sample_one_batch_at_a_time_with_the_in_process_output(fleet):
     (fleet["root"] / "out").mkdir(exist_ok=True)
     jobs = [make_job(fleet, f"lane{i}") for i in range(6)]
     results = [h.wait(120) for h in [submit(job, broker_url=fleet["url"]) for job in jobs]]
     expected = reference_sha256(fleet)
     assert [file_sha256(output_path(job)) for job in jobs] == [expected] * len(jobs)
     assert {r["sha256"] for r in results} == {expected}
-    stamps = sorted((r["timestamps"] for r in results), key=lambda t: t["sampling"])
+    batches = {(r["timestamps"]["sampling"], r["timestamps"]["sampled"]): r["timestamps"] for r in results}
+    assert len(batches) < len(jobs)  # some jobs were sampled together (the same window)
+    assert "sampling 2 jobs as one batch" in (fleet["root"] / "worker.log").read_text()
+    stamps = sorted(batches.values(), key=lambda t: t["sampling"])
     pairs = list(zip(stamps, stamps[1:]))
     assert all(n["sampling"] >= p["sampled"] for p, n in pairs), stamps  # one model lane: never two at once
     # The next job was prepared meanwhile and began sampling before the previous job's output was written.
