@@ -235,6 +235,7 @@ CASES = [
     Case("denoise 0", "denoise", "client", change(denoise=0)),
     Case("denoise above 1", "denoise", "client", change(denoise=1.5)),
     Case("negative overlap", "overlap_factor", "client", change(overlap_factor=-1)),
+    Case("negative crop_margin", "crop_margin", "client", change(crop_margin=-1)),
     Case("unknown sampler", "base_sampler.sampler_name", "client", change(base_sampler__sampler_name="euler_turbo")),
     Case("unknown scheduler", "mask_sampler.scheduler", "client", change(mask_sampler__scheduler="cosine")),
     Case("model name with path traversal", "base_sampler.model", "client", change(base_sampler__model="../tiny")),
