@@ -9,10 +9,15 @@ model's arithmetic on a larger batch:
 
 - `forward="fused"` evaluates all jobs' rows in one model forward (the point of batching).
   Kernels may round a row differently at another batch size: on CPU, MKL's sgemm picks
-  its kernel by the number of rows (1, 2-3, 4+ behave differently for the UNet's time
-  embedding) and oneDNN's convolution treats a batch of 1 differently from larger ones,
-  so rows differ from an unbatched run by float rounding (about 1e-6 relative per
-  evaluation). A model whose rows do not depend on the batch gives bitwise equal outputs.
+  its kernel by the number of rows (1, 2-3, 4+ behave differently) and oneDNN's
+  convolution treats a batch of 1 differently from larger ones. In a UNet the only
+  products whose row count is the batch are the timestep embedding's, identical in every
+  row; when every job has the same latent batch, `SharedTimestepRows` computes them at
+  the row count of one job alone (UNetDenoiser.timestep_rows), and the outputs are
+  bitwise the unbatched runs on CPU whenever a job alone already runs the UNet on 2 or
+  more rows (cfg other than 1, or a latent batch above 1). Otherwise rows differ by float
+  rounding (about 1e-6 relative per evaluation). A model whose rows do not depend on the
+  batch gives bitwise equal outputs.
 - `forward="per_job"` evaluates each job's rows in their own forward, laid out exactly as
   the job alone lays them out (cond and uncond of that job in one call): bitwise equal to
   unbatched runs on any device, but the model work is not fused.
@@ -172,13 +177,38 @@ class PerJobForward:
         return torch.cat(cond + uncond)
 
 
+class SharedTimestepRows:
+    """A fused forward whose timestep embedding is computed at one job's row count.
+
+    Used when every job of the batch has as many rows as the others (the same latent
+    batch): the model sees all rows at once, and its timestep embedding layers see the
+    count one job alone gives them (see the module docstring).
+    """
+
+    def __init__(self, inner: Denoiser, jobs: int):
+        self.inner = inner
+        self.schedule = inner.schedule
+        self.latent_scale = inner.latent_scale
+        self.jobs = jobs
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        with self.inner.timestep_rows(x.shape[0] // self.jobs):  # type: ignore[attr-defined]
+            return self.inner.denoise(x, sigma, context)
+
+
+def _fused(denoiser: Denoiser, rows: list[int]) -> Denoiser:
+    if len(set(rows)) == 1 and len(rows) > 1 and hasattr(denoiser, "timestep_rows"):
+        return SharedTimestepRows(denoiser, len(rows))
+    return denoiser
+
+
 def _batched_sampler(samplers: list[AdvancedSampler], rows: list[int], forward: str) -> AdvancedSampler:
     """One sampler over all rows: each job's conditioning repeated to its own latent batch
     (as `guidance._batch` does for it alone), then concatenated."""
     first = samplers[0]
     positive = torch.cat([_batch(s.positive, r) for s, r in zip(samplers, rows)])
     negative = torch.cat([_batch(s.negative, r) for s, r in zip(samplers, rows)])
-    denoiser = PerJobForward(first.denoiser, rows) if forward == "per_job" else first.denoiser
+    denoiser = PerJobForward(first.denoiser, rows) if forward == "per_job" else _fused(first.denoiser, rows)
     return AdvancedSampler(denoiser, first.cfg, first.sampler_name, first.scheduler, positive, negative)
 
 

@@ -7,8 +7,11 @@ epsilon or a v prediction turned into x0 in float32.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -41,6 +44,25 @@ class UNetDenoiser:
             self._timesteps[key] = t
         return t
 
+    @contextmanager
+    def timestep_rows(self, rows: int) -> Iterator[None]:
+        """Within the block, the timestep embedding layers compute `rows` rows and repeat them.
+
+        Every row of a call has the same timestep (one sigma per call), so the embedding
+        and each resnet's projection of it are the same in every row. Their matrix products
+        are the only ones whose row count is the batch size, and CPU GEMM kernels round by
+        row count; computing them at the row count one job has alone makes a batch of jobs
+        (job_batch.py) give each job its own bits.
+        """
+        layers = [self.unet.time_embedding] + [m.time_emb_proj for m in self.unet.modules()
+                                               if getattr(m, "time_emb_proj", None) is not None]
+        hooks = [layer.register_forward_hook(partial(_repeat_first_rows, rows)) for layer in layers]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x_in = (x / (sigma**2 + 1.0) ** 0.5).to(self.dtype)
@@ -49,6 +71,14 @@ class UNetDenoiser:
         if self.schedule.prediction_type == "v_prediction":
             return x * (1.0 / (sigma**2 + 1.0)) - out * sigma / (sigma**2 + 1.0) ** 0.5
         return x - out * sigma
+
+
+def _repeat_first_rows(rows: int, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook: the layer's output over its first `rows` input rows, repeated to the batch."""
+    x = inputs[0]
+    if x.shape[0] <= rows or x.shape[0] % rows:
+        return None
+    return module.forward(x[:rows]).repeat(x.shape[0] // rows, *([1] * (output.ndim - 1)))
 
 
 @dataclass(frozen=True)

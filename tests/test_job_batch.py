@@ -2,9 +2,10 @@
 
 Bitwise on CPU with the tiny golden UNet for `forward="per_job"` (each job's rows in a
 forward of their own). `forward="fused"` (one forward over all rows) is bitwise with a
-model whose rows do not depend on the batch size (the analytic denoiser); with the UNet
-on CPU it is not, because MKL's sgemm and oneDNN's convolution pick kernels by batch size
-(see sampling/job_batch.py), so that one test uses a tolerance.
+model whose rows do not depend on the batch size (the analytic denoiser), and with the
+UNet when the jobs have equal latent batches (its timestep embedding is then computed at
+one job's row count); with unequal batches it is not, because MKL's sgemm picks kernels
+by row count (see sampling/job_batch.py), so that one test uses a tolerance.
 """
 from __future__ import annotations
 
@@ -95,12 +96,33 @@ def test_fused_forward_is_bitwise_with_a_batch_independent_model(names, n):
     assert_bitwise(sample_job_batch(jobs, forward="fused"), jobs)
 
 
+@pytest.mark.parametrize("names", SAMPLER_PAIRS, ids="+".join)
+def test_fused_forward_is_bitwise_with_the_unet_when_the_jobs_have_equal_rows(unet, names):
+    # The timestep embedding is computed at one job's row count (UNetDenoiser.timestep_rows).
+    jobs = [job for job in make_jobs(unet, 4, names) if job.latent.shape[0] == 1]
+    assert len(jobs) == 3
+    assert_bitwise(sample_job_batch(jobs, forward="fused"), jobs)
+
+
 def test_fused_forward_with_the_unet_on_cpu_matches_to_float_rounding(unet):
-    # NOT bitwise: MKL sgemm / oneDNN conv round a row differently at another batch size.
+    # NOT bitwise: the jobs' latent batches differ (1, 2, 1), so the timestep embedding runs
+    # at the whole batch's row count, and MKL's sgemm rounds a row differently there.
     jobs = make_jobs(unet, 3, ("dpmpp_2m_sde", "euler_ancestral"))
     for out, job in zip(sample_job_batch(jobs, forward="fused"), jobs):
         alone = run_alone(job)
         assert ((out - alone).norm() / alone.norm()).item() < 1e-4
+
+
+def test_timestep_rows_leaves_the_unet_as_it_was(unet):
+    x, ctx, sigma = torch.randn(6, 4, SIZE, SIZE), torch.randn(6, 77, 32), torch.tensor(2.0)
+    x[2:4], x[4:] = x[:2], x[:2]
+    ctx[2:4], ctx[4:] = ctx[:2], ctx[:2]
+    pair = unet.denoise(x[:2], sigma, ctx[:2])
+    assert not torch.equal(unet.denoise(x, sigma, ctx)[:2], pair)  # the CPU kernels round by row count
+    with unet.timestep_rows(2):
+        shared = unet.denoise(x, sigma, ctx)
+    assert all(torch.equal(shared[i:i + 2], pair) for i in (0, 2, 4))
+    assert not torch.equal(unet.denoise(x, sigma, ctx)[:2], pair)  # the hooks are gone
 
 
 def test_a_batch_of_one_is_bitwise_the_single_run_with_the_fused_forward(unet):

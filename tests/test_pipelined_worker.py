@@ -1,7 +1,7 @@
 """The pipelined worker (MASKFLEET_PIPELINE=1): job threads around one model lane, with a real Celery worker.
 
-One worker (`-P threads`, batches of up to 2 jobs so 4 job threads, the `per_job` batch
-forward, one torch thread) on a claimed Redis DB runs jobs whose inputs and outputs are
+One worker (`-P threads`, batches of up to 2 jobs so 4 job threads, the default fused
+batch forward, one torch thread) on a claimed Redis DB runs jobs whose inputs and outputs are
 local files. What must hold: every output is bitwise the in-process run's, batched or
 not; the lane samples one batch at a time (sampling windows never overlap) while other
 threads' I/O overlaps them; cancel and the soft time limit, which a thread pool cannot
@@ -38,8 +38,8 @@ def fleet(tmp_path_factory):
     template["steps"] = STEPS
     port = free_port()
     worker = Worker("pipelined", [model_queue("tiny")], url, models, root / "worker.log",
-                    {"MASKFLEET_PIPELINE": "1", "MASKFLEET_BATCH_JOBS": "2", "MASKFLEET_BATCH_FORWARD": "per_job",
-                     "MASKFLEET_TORCH_THREADS": "1", "MASKFLEET_METRICS_PORT": str(port)})
+                    {"MASKFLEET_PIPELINE": "1", "MASKFLEET_BATCH_JOBS": "2", "MASKFLEET_TORCH_THREADS": "1",
+                     "MASKFLEET_METRICS_PORT": str(port)})
     try:
         worker.wait_ready(_app(url))
         yield {"root": root, "url": url, "models": models, "template": template, "worker": worker, "port": port}
