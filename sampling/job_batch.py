@@ -12,9 +12,9 @@ model's arithmetic on a larger batch:
   its kernel by the number of rows (1, 2-3, 4+ behave differently) and oneDNN's
   convolution treats a batch of 1 differently from larger ones. In a UNet the only
   products whose row count is the batch are the timestep embedding's, identical in every
-  row; when every job has the same latent batch, `SharedTimestepRows` computes them at
-  the row count of one job alone (UNetDenoiser.timestep_rows), and the outputs are
-  bitwise the unbatched runs on CPU whenever a job alone already runs the UNet on 2 or
+  row; on the CPU, when every job has the same latent batch, `SharedTimestepRows`
+  computes them at the row count of one job alone (UNetDenoiser.timestep_rows), and the
+  outputs are bitwise the unbatched runs whenever a job alone already runs the UNet on 2 or
   more rows (cfg other than 1, or a latent batch above 1). Otherwise rows differ by float
   rounding (about 1e-6 relative per evaluation). A model whose rows do not depend on the
   batch gives bitwise equal outputs.
@@ -197,7 +197,11 @@ class SharedTimestepRows:
 
 
 def _fused(denoiser: Denoiser, rows: list[int]) -> Denoiser:
-    if len(set(rows)) == 1 and len(rows) > 1 and hasattr(denoiser, "timestep_rows"):
+    """The fused batch's denoiser: on the CPU, with the timestep rows of one job when the
+    jobs' rows agree (bitwise outputs); elsewhere the model as it is (a GPU's contract is
+    fp16 tolerance, and hooks coming and going would recompile a torch.compile'd UNet)."""
+    on_cpu = getattr(getattr(denoiser, "device", None), "type", "cpu") == "cpu"
+    if on_cpu and len(set(rows)) == 1 and len(rows) > 1 and hasattr(denoiser, "timestep_rows"):
         return SharedTimestepRows(denoiser, len(rows))
     return denoiser
 
