@@ -12,9 +12,13 @@ of the mask sampler's calls (timed between the loop's progress calls), full fram
 crop; and the cropped result's difference from the full-frame one, max abs and RMS over
 the mask, the overlap band (grown mask minus mask) and the rest, relative to the
 full-frame output's standard deviation. A box that would cover the whole latent means no
-crop: the job is then exactly the full-frame job and is not run twice. Times are the
-minimum of --repeats runs (full and crop alternate): on a shared machine the least
-disturbed run is the closest to the true cost.
+crop: the job is then exactly the full-frame job and is not run twice.
+
+The speedups are computed from the mask sampler's time over the base sampler's in the
+same run (median over --repeats runs): the two samplers' calls alternate, so both see
+the same machine, and the base sampler does the same full-frame work in both jobs, so
+the ratio survives a shared machine's changing load, which whole-job times (also
+printed, fastest of the runs) do not.
 
 With random weights the model is no image prior, so the differences say how much the
 model's output moves when it sees less context, not how visible that is in a picture.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 
 import torch
@@ -93,7 +98,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--margin", type=int, default=8, help="crop_margin, latent pixels of context around the grown mask")
     parser.add_argument("--size", type=int, default=64, help="latent height = width")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each job (minimum reported)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each job (median time ratio, fastest times)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -112,7 +117,7 @@ def main() -> None:
 
     print(f"machine: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"job: euler, {args.steps} steps, latent {args.size}x{args.size}, batch 1, overlap {OVERLAP}, "
-          f"crop_margin {args.margin}; centred disc masks; times are minima of {args.repeats} run(s)")
+          f"crop_margin {args.margin}; centred disc masks; {args.repeats} run(s) of each")
     for coverage in COVERAGES:
         mask = disc_mask(args.size, coverage)
         grown = grow_mask(mask, args.size, args.size, OVERLAP)
@@ -130,18 +135,23 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, margin in (("full", None), ("crop", args.margin)):
                 runs[name].append(timed_job(lambda hook: job(mask, margin, args.steps, hook), counter))
-        (full_s, full_mask_s), (crop_s, crop_mask_s) = (
-            tuple(min(r[k] for r in runs[name]) for k in (0, 1)) for name in ("full", "crop"))
         _, _, full_work, full_mask_work, full_out = runs["full"][0]
         _, _, crop_work, crop_mask_work, crop_out = runs["crop"][0]
+        fastest = {name: min(runs[name], key=lambda r: r[0]) for name in runs}
+        # Mask sampler time over base sampler time within one run: the calls alternate, so
+        # both see the same machine, and the base sampler does the same work in both jobs.
+        ratio = {name: statistics.median(r[1] / (r[0] - r[1]) for r in runs[name]) for name in runs}
         print(f"\n{coverage:.0%} mask ({covered:.1%} of the latent, grown {float(grown.mean()):.1%}): "
               f"box {box.height}x{box.width} at ({box.top}, {box.left}), {share:.0%} of the latent")
-        print(f"  UNet input pixels: job {crop_work / full_work:.3f} of full frame, mask sampler {crop_mask_work / full_mask_work:.3f}"
-              " (self-attention costs more than linearly in pixels)")
-        print(f"  job          full {full_s:7.2f} s   crop {crop_s:7.2f} s   speedup {full_s / crop_s:.2f}x")
-        print(f"  mask sampler full {full_mask_s:7.2f} s   crop {crop_mask_s:7.2f} s   speedup {full_mask_s / crop_mask_s:.2f}x")
-        print(f"  base sampler full {full_s - full_mask_s:7.2f} s   crop {crop_s - crop_mask_s:7.2f} s   "
-              "(the same work in both: any gap is machine noise)")
+        print(f"  UNet input pixels, crop / full: job {crop_work / full_work:.3f}, mask sampler {crop_mask_work / full_mask_work:.3f}"
+              " (convolutions cost in proportion, self-attention more)")
+        for name in ("full", "crop"):
+            total_s, mask_s = fastest[name][:2]
+            print(f"  {name}: job {total_s:6.2f} s = base sampler {total_s - mask_s:6.2f} s + mask sampler {mask_s:6.2f} s;"
+                  f" mask / base time {ratio[name]:.3f}")
+        print(f"  speedup from the mask / base time ratios: mask sampler {ratio['full'] / ratio['crop']:.2f}x, "
+              f"job {(1 + ratio['full']) / (1 + ratio['crop']):.2f}x "
+              f"(from the fastest runs' times: {fastest['full'][0] / fastest['crop'][0]:.2f}x)")
         for name, (peak, rms) in differences(full_out, crop_out, mask, grown).items():
             print(f"  difference in {name:<8} max {peak:.4f}  RMS {rms:.4f}  (x full-frame std {float(full_out.std()):.3f})")
 
