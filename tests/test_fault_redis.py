@@ -32,15 +32,13 @@ from pathlib import Path
 
 import pytest
 import redis
-import torch
 from aof_history import result_states
 from golden_jobs import make_models_dir
 from redis_server import RedisServer
-from tiny_jobs import publish_report, completions, deliveries, file_sha256, job_from, output_path, write_tiny_inputs
+from tiny_jobs import (publish_report, completions, deliveries, file_sha256, job_from, output_path, reference_sha256,
+                       write_tiny_inputs)
 
 from maskfleet.client import _app, submit
-from maskfleet.job import parse_job
-from maskfleet.local_run import RunOptions, run_job
 from maskfleet.tasks.settings import model_queue
 from fleet_workers import Worker
 
@@ -70,17 +68,6 @@ def fleet(tmp_path):
         for worker in workers:
             worker.stop()
         server.stop()
-
-
-def reference_sha256(template: dict, path: Path, models: Path) -> str:
-    """The output every job must have, from an in-process run on one thread as the workers use."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_job(parse_job(job_from(template, "reference", path)), RunOptions(str(models), "cpu"))
-    finally:
-        torch.set_num_threads(threads)
-    return file_sha256(path)
 
 
 def reconnect_gaps(logs: list[Path]) -> list[float]:

@@ -12,14 +12,11 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 from golden_jobs import make_models_dir
 from metrics_scrape import free_port, scrape
-from tiny_jobs import file_sha256, job_from, output_path, write_tiny_inputs
+from tiny_jobs import file_sha256, job_from, output_path, reference_sha256, write_tiny_inputs
 
 from maskfleet.client import JobFailed, _app, submit
-from maskfleet.job import parse_job
-from maskfleet.local_run import RunOptions, run_job
 from maskfleet.tasks.settings import model_queue
 from fleet_workers import Worker, claim_db_url, flush, require_redis, wait_for
 
@@ -48,18 +45,6 @@ def fleet(tmp_path_factory):
         flush(url)
 
 
-def reference_sha256(fleet) -> str:
-    """The output of the template job run in process on one thread, as the worker runs it."""
-    path = fleet["root"] / "reference.latent"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_job(parse_job(job_from(fleet["template"], "reference", path)), RunOptions(str(fleet["models"]), "cpu"))
-    finally:
-        torch.set_num_threads(threads)
-    return file_sha256(path)
-
-
 def make_job(fleet, name: str, **changes) -> dict:
     job_id = f"{name}-{time.time_ns()}"
     return job_from(fleet["template"], job_id, fleet["root"] / "out" / f"{job_id}.latent", **changes)
@@ -69,7 +54,7 @@ def test_queued_jobs_sample_one_batch_at_a_time_with_the_in_process_output(fleet
     (fleet["root"] / "out").mkdir(exist_ok=True)
     jobs = [make_job(fleet, f"lane{i}") for i in range(6)]
     results = [h.wait(120) for h in [submit(job, broker_url=fleet["url"]) for job in jobs]]
-    expected = reference_sha256(fleet)
+    expected = reference_sha256(fleet["template"], fleet["root"] / "reference.latent", fleet["models"])
     assert [file_sha256(output_path(job)) for job in jobs] == [expected] * len(jobs)
     assert {r["sha256"] for r in results} == {expected}
     batches = {(r["timestamps"]["sampling"], r["timestamps"]["sampled"]): r["timestamps"] for r in results}

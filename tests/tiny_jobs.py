@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from maskfleet.job import parse_job
+from maskfleet.local_run import RunOptions, run_job
 from maskfleet.tasks.settings import TASK_NAME
 
 SUCCEEDED = re.compile(rf"Task {re.escape(TASK_NAME)}\[([^\]]+)\] succeeded in [0-9.e-]+s: (.*)$", re.M)
@@ -80,3 +82,14 @@ def publish_report(capsys, path: Path, report: str) -> None:
     with capsys.disabled():
         print("\n" + report)
     path.write_text(report + "\n")
+
+
+def reference_sha256(template: dict, path: Path, models: Path) -> str:
+    """The output every job must have, from an in-process run on one thread as the workers use."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_job(parse_job(job_from(template, "reference", path)), RunOptions(str(models), "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    return file_sha256(path)
