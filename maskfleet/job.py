@@ -95,6 +95,16 @@ class Job(BaseModel):
     callback: Callback | None = Field(None, description="Fleet only: webhook for the job's status events; `maskfleet run` ignores it.")
     time_limit: int | None = Field(None, ge=1, le=86400, description="Fleet only: hard time limit in seconds (soft limit a little below), at most the workers' MASKFLEET_MAX_JOB_SECONDS; `maskfleet run` ignores it.")
 
+    def input_uris(self) -> dict[str, str]:
+        """Every object the job reads, by field: latent, mask, and conditionings given as URIs."""
+        inputs = {"latent": self.latent, "mask": self.mask}
+        for field in ("base_sampler", "mask_sampler"):
+            for kind in ("positive", "negative"):
+                value = getattr(getattr(self, field), kind)
+                if isinstance(value, str):
+                    inputs[f"{field}.{kind}"] = value
+        return inputs
+
 
 class JobError(ValueError):
     """A job document that does not validate; the message lists each field and its reason."""

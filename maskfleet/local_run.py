@@ -74,13 +74,7 @@ def _same_object_key(uri: str) -> str:
 
 def check_job_uris(job: Job) -> None:
     """Syntax of every URI, the output's suffix, and that no output would overwrite an input."""
-    inputs = {"latent": job.latent, "mask": job.mask}
-    for field in SAMPLER_FIELDS:
-        spec = getattr(job, field)
-        for kind in ("positive", "negative"):
-            value = getattr(spec, kind)
-            if isinstance(value, str):
-                inputs[f"{field}.{kind}"] = value
+    inputs = job.input_uris()
     for field, uri in inputs.items():
         check_uri(uri, field)
     outputs = {"output": job.output, **({"preview": job.preview} if job.preview else {})}

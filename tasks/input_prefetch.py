@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from typing import Any, ContextManager
 
 from celery.signals import task_received, worker_init, worker_shutdown
 
-from ..job import JobError, PromptText, parse_job
+from ..job import JobError, parse_job
 from ..storage.errors import InvalidFile
 from ..storage.objects import is_s3_uri, read_object
 from ..storage.prefetched_objects import serving
@@ -42,6 +43,7 @@ from .settings import TASK_NAME, load_settings
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+SAFE_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,254}")  # job ids and uuids; a foreign id with "/" is not read ahead
 _root: Path | None = None  # set in the main process before the pool forks, so children inherit it
 _reader: ThreadPoolExecutor | None = None
 
@@ -52,18 +54,22 @@ def s3_inputs(job_data: Any) -> dict[str, str]:
         job = parse_job(job_data)
     except JobError:
         return {}
-    inputs = {"latent": job.latent, "mask": job.mask}
-    for field in ("base_sampler", "mask_sampler"):
-        for kind in ("positive", "negative"):
-            value = getattr(getattr(job, field), kind)
-            if not isinstance(value, PromptText):
-                inputs[f"{field}.{kind}"] = value
-    return {field: uri for field, uri in inputs.items() if is_s3_uri(uri)}
+    return {field: uri for field, uri in job.input_uris().items() if is_s3_uri(uri)}
+
+
+def folder_of(root: Path, task_id: Any) -> Path | None:
+    """The task's folder under `root`, or None for an id that is not a plain file name (never a path)."""
+    if not isinstance(task_id, str) or not SAFE_TASK_ID.fullmatch(task_id):
+        return None
+    return root / task_id
 
 
 def read_ahead(root: Path, task_id: str, inputs: dict[str, str]) -> bool:
     """Read `inputs` into ``root/<task_id>`` (whole or not at all); False when none could be read."""
-    partial = Path(tempfile.mkdtemp(prefix=f".{task_id}.", dir=root))
+    folder = folder_of(root, task_id)
+    if folder is None:
+        return False
+    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
     manifest: dict[str, str] = {}
     try:
         for n, (field, uri) in enumerate(sorted(inputs.items())):
@@ -79,7 +85,7 @@ def read_ahead(root: Path, task_id: str, inputs: dict[str, str]) -> bool:
         if not manifest:
             return False
         (partial / MANIFEST).write_text(json.dumps(manifest))
-        os.rename(partial, root / task_id)
+        os.rename(partial, folder)
         return True
     finally:
         shutil.rmtree(partial, ignore_errors=True)
@@ -87,7 +93,9 @@ def read_ahead(root: Path, task_id: str, inputs: dict[str, str]) -> bool:
 
 def take(root: Path, task_id: str) -> dict[str, bytes]:
     """The inputs read ahead for `task_id` ({uri: bytes}), removed from `root`; empty when none."""
-    folder = root / task_id
+    folder = folder_of(root, task_id)
+    if folder is None:
+        return {}
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         return {uri: (folder / name).read_bytes() for uri, name in manifest.items()}

@@ -106,3 +106,14 @@ def test_a_worker_reads_held_jobs_inputs_ahead_and_writes_the_same_outputs(s3_se
     assert len({hashlib.sha256(o).hexdigest() for o in outputs}) == 1  # same job, read ahead or not: same bytes
     assert {r["sha256"] for r in results} == {hashlib.sha256(outputs[0]).hexdigest()}
     assert [p.name for p in scratch.iterdir() if p.name.startswith("maskfleet-prefetch-")] == []
+
+
+def test_a_task_id_that_is_not_a_plain_name_is_never_used_as_a_path(s3_job, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "outside").mkdir()
+    inputs = input_prefetch.s3_inputs(s3_job["job"])
+    for task_id in ("../outside", "a/b", "", ".hidden"):
+        assert not input_prefetch.read_ahead(root, task_id, inputs)
+        assert input_prefetch.take(root, task_id) == {}
+    assert list(root.iterdir()) == [] and (tmp_path / "outside").exists()
