@@ -90,8 +90,8 @@ def test_a_worker_reads_held_jobs_inputs_ahead_and_writes_the_same_outputs(s3_se
     try:
         worker.wait_ready(_app(url))
         stamp = time.time_ns()
-        jobs = [dict(s3_job["job"], job_id=f"ahead-{stamp}-{i}", output=f"s3://{s3_job['bucket']}/out/{stamp}-{i}.latent")
-                for i in range(4)]
+        jobs = [dict(s3_job["job"], job_id=f"ahead-{stamp}-{i}", output=f"s3://{s3_job['bucket']}/out/{stamp}-{i}.latent",
+                     steps=2) for i in range(4)]
         results = [h.wait(120) for h in [submit(job, broker_url=url) for job in jobs]]
     finally:
         worker.stop()
