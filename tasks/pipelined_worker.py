@@ -13,7 +13,8 @@ What the thread pool cannot do, and what stands in for it here:
 - Time limits: Celery enforces them by signals to a pool process; threads cannot be
   interrupted, so the job's soft limit (its own `time_limit` or the worker's) is checked
   before every sampler call and ends the job with SoftTimeLimitExceeded. A single model
-  call is not interrupted.
+  call is not interrupted. The limit counts from the job's start in its thread, so it
+  includes the time the job waits for the model behind the jobs before it.
 - Cancelling running jobs on a broker connection loss needs a process to terminate, so
   it is off here (tasks/app.py): jobs finish, and a job redelivered after finishing returns its stored
   result without sampling again (idempotency.py).
