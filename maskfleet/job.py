@@ -91,7 +91,7 @@ class Job(BaseModel):
     mask_sampler: SamplerSpec = Field(description="Sampler for the mask, grown by overlap_factor.")
     output: str = Field(min_length=1, description="URI of the output latent: .latent (ComfyUI format) or .safetensors.")
     preview: str | None = Field(None, min_length=1, description="Optional URI of a PNG preview of the output latent.")
-    mode: Mode = Field("comfy", description="Sampling mode: 'comfy' reproduces the original node in ComfyUI.")
+    mode: Mode = Field("comfy", description="Sampling mode: 'comfy' reproduces the original node in ComfyUI; 'coherent' keeps each sampler's state, one sigma schedule and one noise stream across the interleaved steps and blends the two results across the overlap band, so every sampler gives a clean result (both samplers must use the same scheduler; crop_margin is not supported).")
     callback: Callback | None = Field(None, description="Fleet only: webhook for the job's status events; `maskfleet run` ignores it.")
     time_limit: int | None = Field(None, ge=1, le=86400, description="Fleet only: hard time limit in seconds (soft limit a little below), at most the workers' MASKFLEET_MAX_JOB_SECONDS; `maskfleet run` ignores it.")
 

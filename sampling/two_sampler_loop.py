@@ -6,6 +6,9 @@ the mask sampler advances it over the same step with the grown mask. Noise is ad
 by the first base call; the last mask call returns a clean latent. (The original passes
 "enable"/"disable" strings where booleans are meant, so it re-adds noise on every call;
 we follow its intent, which golden `out_intended` records.)
+
+`mode="coherent"` shares the validation here and then runs `coherent_loop.py`: the same
+two samplers, kept running across steps on one schedule and one noise stream.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Callable, Literal
 
 import torch
 
+from .coherent_loop import check_coherent, sample_coherent
 from .comfy_call import AdvancedSampler, JobRandomness, RegionMask, ScheduleCache, advanced_call
 from .errors import InvalidInput, SamplingStopped
 from .masks import check_mask_fits, check_overlap, grow_mask, inverse_mask, normalize_mask, to_latent
@@ -24,7 +28,7 @@ from .schedulers import check_scheduler_name
 ProgressHook = Callable[[int, int, str], None]  # (calls done, total calls, "base" | "mask")
 StopHook = Callable[[], bool]
 
-MODES = ("comfy",)
+MODES = ("comfy", "coherent")
 MAX_SEED = 2**64 - 1
 
 
@@ -66,7 +70,7 @@ def sample_two_samplers(
     steps: int,
     denoise: float = 1.0,
     overlap_factor: int = 10,
-    mode: Literal["comfy"] = "comfy",
+    mode: Literal["comfy", "coherent"] = "comfy",
     on_progress: ProgressHook | None = None,
     should_stop: StopHook | None = None,
     randomness: Randomness | None = None,
@@ -82,6 +86,9 @@ def sample_two_samplers(
 
     `randomness` (default: the draws of `seed`) replaces the job's random draws;
     `job_batch.py` passes one that serves a batch of jobs, each with its own seed.
+
+    `mode`: "comfy" (the original node) or "coherent" (`coherent_loop.py`; refuses
+    crop_margin and samplers on different schedulers).
     """
     _validate(latent, seed, steps, denoise, overlap_factor, mode, base, mask_sampler)
     check_crop_margin(crop_margin)
@@ -89,6 +96,11 @@ def sample_two_samplers(
     mask = normalize_mask(mask, b).to(latent.device)
     check_mask_fits(mask, latent.shape)
     check_overlap(overlap_factor, h, w)
+    if mode == "coherent":
+        check_coherent(base, mask_sampler, crop_margin)
+        adv_steps, start = plan_steps(steps, denoise)
+        return sample_coherent(latent, mask, base, mask_sampler, adv_steps=adv_steps, start=start, overlap_factor=overlap_factor,
+                               randomness=randomness, seed=seed, on_progress=on_progress, should_stop=should_stop)
     base_region = RegionMask.of(to_latent(inverse_mask(mask), latent.shape))
     grown = to_latent(grow_mask(mask, h, w, overlap_factor), latent.shape)
     box = None if crop_margin is None else crop_box(grown, crop_margin)

@@ -74,7 +74,7 @@ _DELETE = object()
         ("mask", "file:///nonexistent/mask.png", "mask"),
         ("latent", "s3://Bad_Bucket!/x.latent", "latent"),
         ("output", "file:///tmp/out.png", "output"),
-        ("mode", "coherent", "mode"),
+        ("mode", "fast", "mode"),
     ],
 )
 def test_bad_job_exits_2_names_the_field_and_writes_nothing(job, capsys, field, value, message):
