@@ -45,15 +45,16 @@ Tolerances (`tolerances`). Statistical: a region holds P = C * H * columns pixel
 with N seeds the region mean has standard error std / sqrt(N P) and the pooled per-pixel
 std has standard error s / sqrt(2 (N - 1) P); a seam-profile column mean has
 s / sqrt(N C H). We allow Z = 5 standard errors (a false failure once in ~1.7 million
-checks; the bench makes ~2000). Discretisation: Euler, the first-order and least accurate
-ODE method listed, applied to this linear ODE multiplies x - mu by
-prod (1 + sigma_i (sigma_{i+1} - sigma_i) / (s^2 + sigma_i^2)) instead of k_ode; its error
-|k_euler - k_ode| times |m - mu| (mean) and times sqrt(v + c^2) (std) is computed for the
-job's own schedule and step range and added. A sampler whose own discretisation error at
-this step count is larger than Euler's fails; `reference_call` runs it alone (one call,
-whole latent) so a failure can be told apart from the loop's: `own_failures` compares a
-loop with it (statistical tolerance only), `reference_failures` compares it with the exact
-answer.
+checks; the bench makes ~2000). Discretisation: the first-order method of the sampler's
+kind, on the job's own schedule and step range, computed in closed form (`first_order`):
+Euler for the ODE samplers (it multiplies x - mu by
+prod (1 + sigma_i (sigma_{i+1} - sigma_i) / (s^2 + sigma_i^2)) instead of k_ode), ancestral
+Euler (eta 1) for the SDE kind; the larger of its mean and std errors over the two regions
+is added. A sampler whose own discretisation error at this step count is larger than its
+kind's first-order method's fails (a higher-order method should do better, and at 20 steps
+most do). `reference_call` runs the sampler alone so that a failure can be told apart
+from the loop's: `own_failures` compares a loop with it (statistical tolerance only),
+`reference_failures` compares it with the exact answer.
 
 Checked by convergence (region B at denoise 0.5, normal scheduler, sampler alone): at 400
 steps euler and heun reach the ODE value (mean 0.405/0.403 against 0.408, std 0.498/0.500),
@@ -206,7 +207,7 @@ class Reference:
 
 def reference_call(sampler_name: str, scheduler: str, denoise: float, steps: int, setup: Setup = Setup()) -> Reference:
     """The sampler alone, as k-diffusion runs it: its step function over the job's whole step
-    range with history kept, on the whole latent, the engine's noise draws; rows 0..N-1 with
+    range with history kept, on half the latent's width, the engine's noise draws; rows 0..N-1 with
     conditioning mu_A, rows N..2N-1 with mu_B (the denoiser reads mu per row).
 
     Not `advanced_call`: for the SDE and uni_pc samplers that adds Impact Pack's recovery pass
@@ -218,7 +219,8 @@ def reference_call(sampler_name: str, scheduler: str, denoise: float, steps: int
     den = GaussianDenoiser(setup.s)
     n = setup.seeds
     context = torch.cat([conditioning(setup.mu_a, n), conditioning(setup.mu_b, n)])
-    x_in = torch.cat([setup.input_latent(denoise), setup.input_latent(denoise)])
+    half = setup.input_latent(denoise)[..., : setup.width // 2]  # as many pixels as a region, or more
+    x_in = torch.cat([half, half])
     sigmas, _, c = _start(sampler_name, scheduler, denoise, steps)
     total = schedule_for(den.schedule, sampler_name, scheduler, plan_steps(steps, denoise)[0])
     info = SAMPLERS[sampler_name]
@@ -267,21 +269,35 @@ def expected(sampler_name: str, scheduler: str, denoise: float, steps: int, setu
     return Expected(mean_a, std_a, mean_b, std_b, kind)
 
 
-def euler_gain(sigmas: torch.Tensor, s: float) -> float:
-    """What Euler multiplies x - mu by over `sigmas` on this ODE (exact: s / sqrt(s^2 + sigma_0^2))."""
-    gain = 1.0
+def first_order(kind: str, sigmas: torch.Tensor, mu: float, m: float, v: float, c: float, s: float) -> tuple[float, float]:
+    """(mean, std) that the first-order method of the sampler's kind gives on this linear problem.
+
+    Both move x - mu by a = 1 + sigma (sigma_down - sigma) / (s^2 + sigma^2) per step (Euler to
+    sigma_down); Euler has sigma_down = sigma_next, ancestral Euler goes down to
+    sigma_down = sqrt(sigma_next^2 - sigma_up^2) and adds fresh noise of variance sigma_up^2,
+    sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 (eta 1). So the mean gain is
+    prod a and the variance runs V <- a^2 V + sigma_up^2 from V = v + c^2.
+    """
+    gain, var = 1.0, v + c * c
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        gain *= 1.0 + sigma * (sigma_next - sigma) / (s * s + sigma * sigma)
-    return gain
+        up2 = 0.0 if kind == "ode" or sigma_next == 0 else min(sigma_next**2, sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+        down = math.sqrt(sigma_next**2 - up2)
+        a = 1.0 + sigma * (down - sigma) / (s * s + sigma * sigma)
+        gain, var = gain * a, a * a * var + up2
+    return mu + (m - mu) * gain, math.sqrt(var)
 
 
 def tolerances(sampler_name: str, scheduler: str, denoise: float, steps: int, overlap: int, setup: Setup = Setup()) -> Tolerance:
-    """Z standard errors plus Euler's discretisation error on this schedule and step range."""
+    """Z standard errors plus the first-order method's discretisation error on this schedule and step range."""
     sigmas, sigma_0, c = _start(sampler_name, scheduler, denoise, steps)
     m, v = setup.input_moments(denoise)
     s = setup.s
-    k_error = abs(euler_gain(sigmas, s) - s / math.sqrt(s * s + sigma_0 * sigma_0))
-    offset = max(abs(m - setup.mu_a), abs(m - setup.mu_b))
+    kind = "sde" if sampler_name in SDE_KIND else "ode"
+    mean_error = std_error = 0.0
+    for mu in (setup.mu_a, setup.mu_b):
+        got = first_order(kind, sigmas, mu, m, v, c, s)
+        want = _exact(mu, m, v, s, sigma_0, c, kind)
+        mean_error, std_error = max(mean_error, abs(got[0] - want[0])), max(std_error, abs(got[1] - want[1]))
     n = setup.seeds
     cols_a, cols_b = setup.columns(overlap)
     pixels = setup.channels * setup.height * min(len(range(setup.width)[cols_a]), len(range(setup.width)[cols_b]))
@@ -289,9 +305,9 @@ def tolerances(sampler_name: str, scheduler: str, denoise: float, steps: int, ov
     se_std = s / math.sqrt(2 * (n - 1) * pixels)
     se_column = s / math.sqrt(n * setup.channels * setup.height)
     return Tolerance(
-        mean=Z * se_mean + k_error * offset,
-        std=Z * se_std + k_error * math.sqrt(v + c * c),
-        column=Z * se_column + k_error * offset,
+        mean=Z * se_mean + mean_error,
+        std=Z * se_std + std_error,
+        column=Z * se_column + mean_error,
         mean_stat=Z * math.sqrt(2) * se_mean,
         std_stat=Z * math.sqrt(2) * se_std,
     )
