@@ -53,9 +53,11 @@ def test_the_sde_answer_differs_from_the_ode_answer_where_the_start_is_off_distr
 
 
 def test_comfy_euler_is_right_outside_the_mask_and_collapses_inside():
-    """The base region is right; the mask region is over-denoised (std well below s): the base
-    call has already moved the whole latent to sigma_{i+1} (outside its mask along the input's
-    own noise path), and the mask sampler then runs the step sigma_i -> sigma_{i+1} on it again."""
+    """The base region is right; the mask region is over-denoised (std well below s). On the
+    first step the base call adds the starting noise and moves the whole latent to sigma_1
+    (outside its mask along that noise's own path); the mask sampler then takes the same step
+    sigma_0 -> sigma_1 again from there, which scales the mask region's noise by about
+    sigma_1 / sigma_0 once more, and the linear ODE carries that factor to the end."""
     stats, exp, tol = _measure("comfy", "euler", "normal", 1.0, 0)
     assert abs(stats.mean_a - exp.mean_a) <= tol.mean and abs(stats.std_a - exp.std_a) <= tol.std
     assert stats.std_b < exp.std_b - 2 * tol.std  # measured 0.32 against 0.50
