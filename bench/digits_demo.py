@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 
 from maskfleet.sampling import MODES, AdvancedSampler, InvalidInput, NoiseSchedule, sample_two_samplers
 from maskfleet.sampling.unet_denoiser import UNetDenoiser
@@ -226,9 +227,9 @@ def main() -> None:
     clf, clf_acc = train_classifier(train_x, train_y, test_x, test_y)
     schedule = NoiseSchedule.from_config({})
     model = DigitModel()
-    weights = args.model_dir / "digit_model.pt" if args.model_dir else None
+    weights = args.model_dir / "digit_model.safetensors" if args.model_dir else None
     if weights is not None and weights.is_file():
-        model.load_state_dict(torch.load(weights))
+        model.load_state_dict(load_file(weights))  # safetensors: never unpickled
         train_note = f"loaded from {weights}"
     else:
         start = time.perf_counter()
@@ -236,7 +237,7 @@ def main() -> None:
         train_note = f"{steps} steps of batch 64 in {time.perf_counter() - start:.0f} s"
         if weights is not None:
             weights.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), weights)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
     model.eval().requires_grad_(False)
     denoiser = UNetDenoiser(model.unet, schedule, latent_scale=1.0)
 
