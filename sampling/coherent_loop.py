@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .comfy_call import AdvancedSampler
+from .comfy_call import AdvancedSampler, start_noise_scale
 from .errors import InvalidInput, SamplingStopped
 from .guidance import guided_denoise
 from .masks import grow_mask, to_latent
@@ -141,9 +141,7 @@ class Lane:
 
 def start_noise(x: torch.Tensor, sigmas: torch.Tensor, sigma_max: float, randomness: Randomness) -> torch.Tensor:
     """Comfy's starting noise: at full denoise the VP-matching sqrt(1 + sigma^2), else sigma_0."""
-    s0 = float(sigmas[0])
-    max_denoise = math.isclose(sigma_max, s0, rel_tol=1e-05) or s0 > sigma_max
-    return x + randomness.start_noise(x.shape, x.device) * (math.sqrt(1.0 + s0**2) if max_denoise else s0)
+    return x + randomness.start_noise(x.shape, x.device) * start_noise_scale(sigma_max, float(sigmas[0]))
 
 
 def sample_coherent(

@@ -57,6 +57,15 @@ class ScheduleCache:
         return self._cache[key]
 
 
+def start_noise_scale(sigma_max: float, sigma0):
+    """What the starting noise is multiplied by: ComfyUI's sqrt(1 + sigma0^2) when the run
+    starts at the schedule's top (full denoise), else `sigma0` itself (as given)."""
+    s0 = float(sigma0)
+    if math.isclose(sigma_max, s0, rel_tol=1e-05) or s0 > sigma_max:
+        return math.sqrt(1.0 + s0**2)
+    return sigma0
+
+
 def step_sigmas(total: torch.Tensor, start: int, end: int, leftover: bool) -> torch.Tensor | None:
     """The sigmas a call runs over, or None when the step range lies past the schedule's end."""
     sigmas = total
@@ -92,10 +101,7 @@ def _one_pass(
     # steps' sigma comparisons and the denoiser's timestep lookup never wait on a GPU.
     if add_noise:
         noise = randomness.start_noise(x_in.shape, x_in.device)
-        sigma_max = float(denoiser.schedule.sigma_max)
-        s0 = float(sigmas[0])
-        max_denoise = math.isclose(sigma_max, s0, rel_tol=1e-05) or s0 > sigma_max
-        x = x_in + noise * (math.sqrt(1.0 + s0**2) if max_denoise else sigmas[0])
+        x = x_in + noise * start_noise_scale(float(denoiser.schedule.sigma_max), sigmas[0])
     else:
         noise = None
         x = x_in

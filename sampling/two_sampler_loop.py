@@ -96,9 +96,9 @@ def sample_two_samplers(
     mask = normalize_mask(mask, b).to(latent.device)
     check_mask_fits(mask, latent.shape)
     check_overlap(overlap_factor, h, w)
+    adv_steps, start = plan_steps(steps, denoise)
     if mode == "coherent":
         check_coherent(base, mask_sampler, crop_margin)
-        adv_steps, start = plan_steps(steps, denoise)
         return sample_coherent(latent, mask, base, mask_sampler, adv_steps=adv_steps, start=start, overlap_factor=overlap_factor,
                                randomness=randomness, seed=seed, on_progress=on_progress, should_stop=should_stop)
     base_region = RegionMask.of(to_latent(inverse_mask(mask), latent.shape))
@@ -106,7 +106,6 @@ def sample_two_samplers(
     box = None if crop_margin is None else crop_box(grown, crop_margin)
     mask_region = RegionMask.of(grown if box is None else box.crop(grown))
 
-    adv_steps, start = plan_steps(steps, denoise)
     total_calls = 2 * (adv_steps - start)
     randomness = JobRandomness(seed) if randomness is None else randomness
     schedules = ScheduleCache()
