@@ -38,6 +38,7 @@ from ..job import JobError, parse_job
 from ..storage.errors import InvalidFile
 from ..storage.objects import is_s3_uri, read_object
 from ..storage.prefetched_objects import serving
+from .leases import held_requests
 from .settings import TASK_NAME, load_settings
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def served_inputs(task_id: str) -> ContextManager[None]:
 def _held_task_ids() -> set[str]:
     from celery.worker import state
 
-    return {r.id for r in tuple(state.reserved_requests) + tuple(state.active_requests)}
+    return {r.id for r in held_requests(state)}
 
 
 def _read_in_background(task_id: str, inputs: dict[str, str]) -> None:

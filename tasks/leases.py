@@ -57,8 +57,8 @@ def restore_interval(lease_seconds: int) -> int:
     return max(1, min(10, lease_seconds // 3))
 
 
-def held_delivery_tags(worker_state: Any) -> list[str]:
-    """Delivery tags of every message this worker process holds, from celery.worker.state."""
+def held_requests(worker_state: Any) -> set[Any]:
+    """Every request this worker process holds (reserved, running, scheduled), from celery.worker.state."""
     requests: set[Any] = set()
     for _ in range(3):  # the consumer thread may change the collections while we copy them
         try:
@@ -68,8 +68,13 @@ def held_delivery_tags(worker_state: Any) -> list[str]:
             break
         except RuntimeError:
             continue
+    return requests
+
+
+def held_delivery_tags(worker_state: Any) -> list[str]:
+    """Delivery tags of every message this worker process holds, from celery.worker.state."""
     tags = []
-    for request in requests:
+    for request in held_requests(worker_state):
         message = getattr(request, "message", None)
         tag = getattr(message, "delivery_tag", None)
         if tag is not None:
