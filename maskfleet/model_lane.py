@@ -63,7 +63,7 @@ class ModelLane:
         self._thread = threading.Thread(target=self._serve, name="maskfleet-model-lane", daemon=True)
         self._thread.start()
         self.received = 0  # jobs handed to the lane so far
-        self.batches: list[int] = []  # sizes of the batches run, for logs and tests
+        self.batches: deque[int] = deque(maxlen=1000)  # sizes of the latest batches (bounded: a worker runs for months)
 
     def expecting(self) -> "Expected":
         """Around a job thread's preparation and its `run`: the lane may wait for it to form a batch."""

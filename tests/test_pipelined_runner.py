@@ -73,7 +73,7 @@ def run_concurrently(setup, forward: str, name: str, **changes) -> tuple[dict, M
 @pytest.mark.parametrize("forward", ["fused", "per_job"])
 def test_a_batch_is_bitwise_the_jobs_run_alone(setup, forward):
     outputs, lane = run_concurrently(setup, forward, forward)
-    assert lane.batches == [len(SEEDS)]  # the lane waited for every thread's job and ran them together
+    assert list(lane.batches) == [len(SEEDS)]  # the lane waited for every thread's job and ran them together
     for seed in SEEDS:
         assert torch.equal(outputs[seed], setup["reference"][seed]), seed
     assert not torch.equal(outputs[SEEDS[0]], outputs[SEEDS[1]])  # each job kept its own seed
@@ -81,4 +81,4 @@ def test_a_batch_is_bitwise_the_jobs_run_alone(setup, forward):
 
 def test_jobs_with_a_cropped_mask_sampler_run_alone(setup):
     _, lane = run_concurrently(setup, "fused", "cropped", crop_margin=2)
-    assert lane.batches == [1, 1, 1]
+    assert list(lane.batches) == [1, 1, 1]
