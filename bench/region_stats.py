@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from gaussian_regions import Setup, expected, failures, own_failures, reference_call, reference_failures, run_job, tolerances  # noqa: E402
 from machine import cpu_model  # noqa: E402  (bench/machine.py)
-from maskfleet.sampling import MODES, SAMPLERS, SCHEDULERS  # noqa: E402
+from maskfleet.sampling import MODES, SAMPLERS, SCHEDULERS, InvalidInput  # noqa: E402
 
 CODES = {"mean A": "mA", "std A": "sA", "mean B": "mB", "std B": "sB", "seam overshoot": "ovr", "seam reversal": "rev"}
 
@@ -49,7 +49,13 @@ def run_mode(mode: str, samplers: list[str], schedulers: list[str], steps: int, 
                 ref = reference_call(sampler, scheduler, denoise, steps, setup)
                 exp = expected(sampler, scheduler, denoise, steps, setup)
                 for overlap in (0, 10):
-                    stats = run_job(mode, sampler, scheduler, denoise, overlap, steps, setup)
+                    try:
+                        stats = run_job(mode, sampler, scheduler, denoise, overlap, steps, setup)
+                    except InvalidInput as refused:
+                        rows.append(dict(sampler=sampler, scheduler=scheduler, denoise=denoise, overlap=overlap,
+                                         refused=refused.field))
+                        print(f"{sampler:<19}{scheduler:<13}{denoise:>4}{overlap:>4}  refused ({refused.field})")
+                        continue
                     tol = tolerances(sampler, scheduler, denoise, steps, overlap, setup)
                     found = failures(stats, exp, tol)
                     own = own_failures(stats, ref, tol)
@@ -63,14 +69,19 @@ def run_mode(mode: str, samplers: list[str], schedulers: list[str], steps: int, 
     return rows
 
 
-def summary(mode: str, rows: list[dict]) -> None:
+def summary(mode: str, rows: list[dict], setup: Setup) -> None:
     """Per sampler, worst case over schedulers, denoise and overlap."""
     by_sampler = defaultdict(list)
     for row in rows:
         by_sampler[row["sampler"]].append(row)
     print(f"\n== summary, mode {mode}: worst case over schedulers, denoise 1.0/0.5, overlap 0/10 ==")
-    print(f"{'sampler':<19}{'exact':>7}{'own':>7}{'alone':>7}  {'max|dmean| A':>12}{'max|dmean| B':>13}  {'std A range':>13}{'std B range':>13}  failing checks (exact)")
-    for sampler, srows in by_sampler.items():
+    print(f"{'sampler':<19}{'exact':>7}{'own':>7}{'alone':>7}  {'max|dmean| A':>12}{'max|dmean| B':>13}  {'std A range':>13}{'std B range':>13}{'jump ovl 10':>13}  failing checks (exact)")
+    for sampler, all_rows in by_sampler.items():
+        srows = [r for r in all_rows if "refused" not in r]
+        refused = len(all_rows) - len(srows)
+        if not srows:
+            print(f"{sampler:<19}refused in this mode ({all_rows[0]['refused']})")
+            continue
         passed = sum(not r["found"] for r in srows)
         own = sum(not r["own"] for r in srows)
         alone = sum(not r["alone"] for r in srows)
@@ -78,14 +89,17 @@ def summary(mode: str, rows: list[dict]) -> None:
         dmean_b = max(abs(r["stats"].mean_b - r["exp"].mean_b) for r in srows)
         std_a = [r["stats"].std_a for r in srows]
         std_b = [r["stats"].std_b for r in srows]
+        jumps = [r["stats"].seam_jump(setup) for r in srows if r["overlap"] == 10] or [float("nan")]
         counts = defaultdict(int)
         for r in srows:
             for prefix, code in CODES.items():
                 if any(f.startswith(prefix) for f in r["found"]):
                     counts[code] += 1
         checks = " ".join(f"{code}x{n}" for code, n in counts.items()) or "-"
+        if refused:
+            checks += f"; {refused} refused ({', '.join(sorted({r['scheduler'] for r in all_rows if 'refused' in r}))})"
         print(f"{sampler:<19}{passed:>4}/{len(srows):<2}{own:>4}/{len(srows):<2}{alone:>4}/{len(srows):<2}  {dmean_a:>12.3f}{dmean_b:>13.3f}  "
-              f"{min(std_a):>6.3f}-{max(std_a):.3f}{min(std_b):>7.3f}-{max(std_b):.3f}  {checks}")
+              f"{min(std_a):>6.3f}-{max(std_a):.3f}{min(std_b):>7.3f}-{max(std_b):.3f}{min(jumps):>8.2f}-{max(jumps):.2f}  {checks}")
 
 
 def main() -> None:
@@ -108,7 +122,7 @@ def main() -> None:
             continue
         start = time.perf_counter()
         rows = run_mode(mode, args.samplers, args.schedulers, args.steps, setup)
-        summary(mode, rows)
+        summary(mode, rows, setup)
         print(f"mode {mode}: {len(rows)} jobs in {time.perf_counter() - start:.0f} s")
 
 

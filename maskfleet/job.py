@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Annotated, Literal, Union
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from .sampling import MODES, SAMPLERS, SCHEDULERS
+from .sampling.coherent_loop import coherent_refusal
 
 SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
@@ -73,6 +74,14 @@ class Callback(BaseModel):
         return url
 
 
+class FieldRefused(ValueError):
+    """A rule across fields, refused by a model validator: names the field it blames."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+
+
 class Job(BaseModel):
     """A two-sampler masked sampling job."""
 
@@ -91,9 +100,20 @@ class Job(BaseModel):
     mask_sampler: SamplerSpec = Field(description="Sampler for the mask, grown by overlap_factor.")
     output: str = Field(min_length=1, description="URI of the output latent: .latent (ComfyUI format) or .safetensors.")
     preview: str | None = Field(None, min_length=1, description="Optional URI of a PNG preview of the output latent.")
-    mode: Mode = Field("comfy", description="Sampling mode: 'comfy' reproduces the original node in ComfyUI; 'coherent' keeps each sampler's state, one sigma schedule and one noise stream across the interleaved steps and blends the two results across the overlap band, so every sampler gives a clean result (both samplers must use the same scheduler; crop_margin is not supported).")
+    mode: Mode = Field("comfy", description="Sampling mode: 'comfy' reproduces the original node in ComfyUI; 'coherent' keeps each sampler's state, one sigma schedule and one noise stream across the interleaved steps and blends the two results across the overlap band, so every sampler it accepts gives a clean result (both samplers must use the same scheduler; refused: crop_margin, lcm, and dpmpp_2m_sde/dpmpp_3m_sde on the normal and ddim_uniform schedules).")
     callback: Callback | None = Field(None, description="Fleet only: webhook for the job's status events; `maskfleet run` ignores it.")
     time_limit: int | None = Field(None, ge=1, le=86400, description="Fleet only: hard time limit in seconds (soft limit a little below), at most the workers' MASKFLEET_MAX_JOB_SECONDS; `maskfleet run` ignores it.")
+
+    @model_validator(mode="after")
+    def _mode_can_run(self) -> "Job":
+        """Coherent mode's refusals (schedulers that differ, crop_margin, samplers it cannot make right),
+        at submission rather than on a worker after the models are loaded."""
+        if self.mode == "coherent":
+            refusal = coherent_refusal(self.base_sampler.sampler_name, self.base_sampler.scheduler,
+                                       self.mask_sampler.sampler_name, self.mask_sampler.scheduler, self.crop_margin)
+            if refusal is not None:
+                raise FieldRefused(*refusal)
+        return self
 
     def input_uris(self) -> dict[str, str]:
         """Every object the job reads, by field: latent, mask, and conditionings given as URIs."""
@@ -116,6 +136,10 @@ def _describe(error: ValidationError) -> str:
         loc = [str(p) for p in e["loc"]]
         # Drop the union tag pydantic puts after positive/negative ("uri" or "prompt").
         loc = [p for i, p in enumerate(loc) if not (i and loc[i - 1] in ("positive", "negative") and p in ("uri", "prompt"))]
+        refused = (e.get("ctx") or {}).get("error")
+        if not loc and isinstance(refused, FieldRefused):
+            lines.append(str(refused))  # already "<field>: <reason>"
+            continue
         where = ".".join(loc) or "job"
         lines.append(f"{where}: {e['msg']}")
     return "; ".join(lines)
