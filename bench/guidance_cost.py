@@ -7,6 +7,9 @@
     what batching them saves on this machine.
 (c) A job whose samplers name the same model (golden case c03 through JobRunner): the
     model is loaded once and shared (the loaded-model cache's load count).
+(d) Coherent mode with one model object for both samplers (their first evaluation of each
+    step is one forward of four row blocks) vs the same UNet behind two denoiser objects
+    (two forwards of two blocks): euler (one evaluation per step) and heun (two).
 
     python bench/guidance_cost.py [--steps 10] [--size 32] [--repeats 3] [--threads N]
 """
@@ -77,10 +80,20 @@ def main() -> None:
                 unet(x1, t1, encoder_hidden_states=pos_b)
                 unet(x1, t1, encoder_hidden_states=neg_b)
 
+    def coherent(sampler: str, shared: bool):
+        other = denoiser if shared else UNetDenoiser(unet, denoiser.schedule)
+        base = AdvancedSampler(denoiser, 7.0, sampler, "karras", pos_b, neg_b)
+        masked = AdvancedSampler(other, 4.0, sampler, "karras", pos_m, neg_m)
+        return lambda: sample_two_samplers(latent, mask, base, masked, seed=0, steps=args.steps, denoise=1.0,
+                                           overlap_factor=3, mode="coherent")
+
+    pair_runs = {f"{s}-{how}": coherent(s, how == "shared") for s in ("euler", "heun") for how in ("shared", "apart")}
+    diff = {s: float((pair_runs[f"{s}-shared"]() - pair_runs[f"{s}-apart"]()).abs().max()) for s in ("euler", "heun")}
     batched(), separate()  # warm-up
-    times: dict[str, list[float]] = {"guided": [], "unguided": [], "batched": [], "separate": []}
+    runs = {"guided": guided, "unguided": unguided, "batched": batched, "separate": separate, **pair_runs}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats):
-        for name, fn in (("guided", guided), ("unguided", unguided), ("batched", batched), ("separate", separate)):
+        for name, fn in runs.items():
             times[name].append(timed(fn))
     med = {name: statistics.median(values) for name, values in times.items()}
 
@@ -99,6 +112,10 @@ def main() -> None:
           f"batched / separate {med['batched'] / med['separate']:.3f}")
     print(f"(c) one model named by both samplers: loaded {runner.models.misses} time(s), "
           f"{runner.models.hits} cache hit(s) in the job")
+    for s in ("euler", "heun"):
+        shared, apart = med[f"{s}-shared"], med[f"{s}-apart"]
+        print(f"(d) coherent {s}: first evaluations paired {shared:.3f} s vs apart {apart:.3f} s: "
+              f"paired / apart {shared / apart:.3f}; outputs differ by at most {diff[s]:.1e}")
 
 
 if __name__ == "__main__":

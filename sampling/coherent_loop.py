@@ -30,6 +30,8 @@ the seam) and removes those causes:
   (`blend_weight`) 1 on the mask, 0 outside the grown mask and ramping linearly across
   the band, so the seam is a smooth mix rather than an edge; overlap 0 or 1 gives w =
   the mask itself (soft masks stay soft).
+- Both samplers start each step at the same x and sigma, so with one model their first
+  evaluations run as one batch (`first_evaluations`): one forward per step saved.
 
 Refused here (`coherent_refusal`, also checked when a job document is validated):
 crop_margin (the mask sampler must see the same latent as the base one, and the blend
@@ -50,7 +52,7 @@ import torch.nn.functional as F
 
 from .comfy_call import AdvancedSampler, start_noise_scale
 from .errors import InvalidInput, SamplingStopped
-from .guidance import guided_denoise
+from .guidance import guided_denoise, guided_denoise_many
 from .masks import grow_mask, to_latent
 from .noise_sources import JobRandomness, NoiseSource, Randomness
 from .samplers import SAMPLERS, StepContext
@@ -165,18 +167,47 @@ class SharedNoise:
 
 @dataclass
 class Lane:
-    """One sampler of the pair with its persistent step state."""
+    """One sampler of the pair with its persistent step state.
+
+    `primed` holds an evaluation made ahead (both samplers' first of a step in one forward,
+    `first_evaluations`): the lane's model returns it for that x and sigma, once.
+    """
 
     which: str  # "base" | "mask"
     step: Callable
     ctx: StepContext
+    sampler: AdvancedSampler
+    primed: tuple[torch.Tensor, float, torch.Tensor] | None = None
 
     @classmethod
     def of(cls, which: str, sampler: AdvancedSampler, noise: SharedNoise) -> "Lane":
-        def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            return guided_denoise(sampler.denoiser, x, sigma, sampler.positive, sampler.negative, sampler.cfg)
+        lane = cls(which, COHERENT_STEPS[sampler.sampler_name], StepContext(model=lambda x, sigma: x, noise=noise), sampler)
+        lane.ctx.model = lane.model
+        return lane
 
-        return cls(which, COHERENT_STEPS[sampler.sampler_name], StepContext(model=model, noise=noise))
+    def guide(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.sampler.positive, self.sampler.negative, self.sampler.cfg
+
+    def model(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if self.primed is not None:
+            primed_x, primed_sigma, denoised = self.primed
+            self.primed = None
+            if x is primed_x and float(sigma) == primed_sigma:
+                return denoised
+        return guided_denoise(self.sampler.denoiser, x, sigma, *self.guide())
+
+
+def first_evaluations(lanes: tuple[Lane, Lane], x: torch.Tensor, sigma: torch.Tensor) -> None:
+    """Both samplers' first model evaluation of a step, in one forward, primed into the lanes.
+
+    Every sampler's step starts by evaluating the model at the step's x and sigma, and in
+    coherent mode both samplers start from the same x at the same sigma: when they share a
+    model the two guided evaluations (four row blocks with cfg) run as one batch.
+    """
+    base, mask = lanes
+    denoised = guided_denoise_many(base.sampler.denoiser, x, sigma, [base.guide(), mask.guide()])
+    for lane, value in zip(lanes, denoised):
+        lane.primed = (x, float(sigma), value)
 
 
 def start_noise(x: torch.Tensor, sigmas: torch.Tensor, sigma_max: float, randomness: Randomness) -> torch.Tensor:
@@ -201,6 +232,8 @@ def sample_coherent(
     """Coherent-mode body of `sample_two_samplers` (inputs already validated; mask [B, h, w]).
 
     Progress: two calls per step, base then mask, total 2 * steps, as in comfy mode.
+    When both samplers use one model object, their first evaluation of each step runs as
+    one batch (`first_evaluations`).
     """
     w = blend_weight(mask, latent.shape, overlap_factor).to(latent.device)
     full = schedule_for(base.denoiser.schedule, base.sampler_name, base.scheduler, adv_steps)
@@ -211,6 +244,7 @@ def sample_coherent(
     brownian = any(SAMPLERS[s.sampler_name].noise == "brownian" for s in (base, mask_sampler))
     noise = SharedNoise(randomness, x, full, brownian)
     lanes = (Lane.of("base", base, noise), Lane.of("mask", mask_sampler, noise))
+    shared_forward = base.denoiser is mask_sampler.denoiser
     total_calls, done = 2 * (len(sigmas) - 1), 0
     for i in range(len(sigmas) - 1):
         noise.new_step()
@@ -218,6 +252,8 @@ def sample_coherent(
         for lane in lanes:
             if should_stop is not None and should_stop():
                 raise SamplingStopped(f"stopped before step {start + i} ({lane.which} sampler)")
+            if shared_forward and lane is lanes[0]:
+                first_evaluations(lanes, x, sigmas[i])
             results.append(lane.step(lane.ctx, x, sigmas[i], sigmas[i + 1])[0])
             done += 1
             if on_progress is not None:

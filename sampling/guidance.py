@@ -9,7 +9,7 @@ uncond run as one batched forward pass; cfg 1.0 skips the uncond pass.
 from __future__ import annotations
 
 import math
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -42,14 +42,40 @@ def guided_denoise(
     denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, cfg: float
 ) -> torch.Tensor:
     """Classifier-free guided x0 estimate (Ho & Salimans 2022)."""
+    return guided_denoise_many(denoiser, x, sigma, [(positive, negative, cfg)])[0]
+
+
+def guided_denoise_many(
+    denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, guides: Sequence[tuple[torch.Tensor, torch.Tensor, float]]
+) -> list[torch.Tensor]:
+    """One guided x0 estimate per (positive, negative, cfg) of the same x and sigma, in one forward.
+
+    The rows are laid out guide after guide, cond before uncond (cfg 1.0: cond only), each
+    block the latent batch: one guide gives `guided_denoise`'s usual `cat([x, x])` with
+    `cat([pos, neg])`. Coherent mode asks for both samplers' first evaluation of a step at
+    once when they share a model, so the model runs one batch of four blocks instead of
+    two of two. Conditionings of different token counts cannot share a batch: then each
+    block is a forward of its own.
+    """
     n = x.shape[0]
-    pos = _batch(positive, n)
-    if math.isclose(cfg, 1.0):
-        return denoiser.denoise(x, sigma, pos)
-    neg = _batch(negative, n)
-    if pos.shape[1:] == neg.shape[1:]:
-        both = denoiser.denoise(torch.cat([x, x]), sigma, torch.cat([pos, neg]))
-        cond, uncond = both[:n], both[n:]
+    contexts = []
+    for positive, negative, cfg in guides:
+        contexts.append(_batch(positive, n))
+        if not math.isclose(cfg, 1.0):
+            contexts.append(_batch(negative, n))
+    if len(contexts) == 1:
+        blocks = [denoiser.denoise(x, sigma, contexts[0])]
+    elif len({c.shape[1:] for c in contexts}) == 1:
+        blocks = list(denoiser.denoise(torch.cat([x] * len(contexts)), sigma, torch.cat(contexts)).split(n))
     else:
-        cond, uncond = denoiser.denoise(x, sigma, pos), denoiser.denoise(x, sigma, neg)
-    return uncond + (cond - uncond) * cfg
+        blocks = [denoiser.denoise(x, sigma, c) for c in contexts]
+    results, i = [], 0
+    for _, _, cfg in guides:
+        if math.isclose(cfg, 1.0):
+            results.append(blocks[i])
+            i += 1
+        else:
+            cond, uncond = blocks[i], blocks[i + 1]
+            results.append(uncond + (cond - uncond) * cfg)
+            i += 2
+    return results

@@ -150,10 +150,11 @@ def check_batchable(items: Sequence[BatchJob]) -> BatchKey:
 class PerJobForward:
     """A denoiser that evaluates each job's rows in a forward of their own.
 
-    The batched loop hands the model either all jobs' rows (cfg 1, or cond and uncond of
-    different shapes) or `guided_denoise`'s layout `cat([x, x])` with `cat([pos, neg])`;
-    in the latter each job gets `cat([x_i, x_i])` with `cat([pos_i, neg_i])`, exactly what
-    it gets alone, so its rows are computed by the same kernels as in an unbatched run.
+    The batched loop hands the model k blocks of all jobs' rows (`guidance.guided_denoise_many`'s
+    layout: k = 1 for cfg 1, 2 for cond and uncond, up to 4 when coherent mode asks for
+    both samplers at once); each job gets its own rows of the k blocks, in block order,
+    exactly what it gets alone, so its rows are computed by the same kernels as in an
+    unbatched run.
     """
 
     def __init__(self, inner: Denoiser, rows: Sequence[int]):
@@ -164,17 +165,15 @@ class PerJobForward:
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         total = sum(self.rows)
-        if x.shape[0] == total:
-            blocks = zip(x.split(self.rows), context.split(self.rows))
-            return torch.cat([self.inner.denoise(xb, sigma, cb) for xb, cb in blocks])
-        if x.shape[0] != 2 * total:
-            raise ValueError(f"expected {total} or {2 * total} rows, got {x.shape[0]}")
-        xs = zip(x[:total].split(self.rows), x[total:].split(self.rows))
-        cs = zip(context[:total].split(self.rows), context[total:].split(self.rows))
-        outs = [self.inner.denoise(torch.cat([xc, xu]), sigma, torch.cat([cc, cu])) for (xc, xu), (cc, cu) in zip(xs, cs)]
-        cond = [out[:r] for out, r in zip(outs, self.rows)]
-        uncond = [out[r:] for out, r in zip(outs, self.rows)]
-        return torch.cat(cond + uncond)
+        if x.shape[0] % total:
+            raise ValueError(f"expected a multiple of {total} rows, got {x.shape[0]}")
+        k = x.shape[0] // total
+        x_jobs = [block.split(self.rows) for block in x.split(total)]  # [block][job]
+        c_jobs = [block.split(self.rows) for block in context.split(total)]
+        outs = [self.inner.denoise(torch.cat([xb[j] for xb in x_jobs]), sigma, torch.cat([cb[j] for cb in c_jobs]))
+                for j in range(len(self.rows))]
+        per_block = [out.split(r) for out, r in zip(outs, self.rows)]  # [job][block]
+        return torch.cat([per_block[j][b] for b in range(k) for j in range(len(self.rows))])
 
 
 class SharedTimestepRows:
@@ -206,14 +205,19 @@ def _fused(denoiser: Denoiser, rows: list[int]) -> Denoiser:
     return denoiser
 
 
-def _batched_sampler(samplers: list[AdvancedSampler], rows: list[int], forward: str) -> AdvancedSampler:
+def _batched_sampler(samplers: list[AdvancedSampler], rows: list[int], forward: str,
+                     wrappers: dict[int, Denoiser]) -> AdvancedSampler:
     """One sampler over all rows: each job's conditioning repeated to its own latent batch
-    (as `guidance._batch` does for it alone), then concatenated."""
+    (as `guidance._batch` does for it alone), then concatenated. `wrappers` holds the batch's
+    denoiser per model, so two samplers of one model get one object (as they have alone:
+    coherent mode recognises a shared model by identity)."""
     first = samplers[0]
     positive = torch.cat([_batch(s.positive, r) for s, r in zip(samplers, rows)])
     negative = torch.cat([_batch(s.negative, r) for s, r in zip(samplers, rows)])
-    denoiser = PerJobForward(first.denoiser, rows) if forward == "per_job" else _fused(first.denoiser, rows)
-    return AdvancedSampler(denoiser, first.cfg, first.sampler_name, first.scheduler, positive, negative)
+    inner = first.denoiser
+    if id(inner) not in wrappers:
+        wrappers[id(inner)] = PerJobForward(inner, rows) if forward == "per_job" else _fused(inner, rows)
+    return AdvancedSampler(wrappers[id(inner)], first.cfg, first.sampler_name, first.scheduler, positive, negative)
 
 
 def sample_job_batch(
@@ -249,11 +253,12 @@ def sample_job_batch(
             raise InvalidInput(f"{field}.{e.field}", e.reason) from None
         rows.append(b)
         masks.append(mask.expand(b, -1, -1))
+    wrappers: dict[int, Denoiser] = {}
     out = sample_two_samplers(
         torch.cat([item.latent for item in items]),
         torch.cat(masks).to(key.device),
-        _batched_sampler([item.base for item in items], rows, forward),
-        _batched_sampler([item.mask_sampler for item in items], rows, forward),
+        _batched_sampler([item.base for item in items], rows, forward, wrappers),
+        _batched_sampler([item.mask_sampler for item in items], rows, forward, wrappers),
         seed=items[0].seed,  # validated; the draws come from `randomness`, one seed per job
         steps=key.steps,
         denoise=key.denoise,

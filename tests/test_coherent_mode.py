@@ -204,3 +204,28 @@ def test_samplers_with_different_schedules_use_the_base_one():
     """dpm_2 alone would drop the penultimate sigma; paired with euler it runs on euler's schedule."""
     out = coherent(torch.zeros(1, 4, 8, 16), "euler", 6, mask_name="dpm_2")
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", sorted(set(COHERENT_STEPS) - set(REFUSED_SAMPLERS)))
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_a_shared_model_runs_both_first_evaluations_of_a_step_in_one_forward(name, cfg):
+    """Both samplers start each step at the same x and sigma: with one model object their
+    first evaluations are one batch (twice the rows), so each step saves one forward, and
+    the result is the one two separate forwards give."""
+    latent, steps = torch.zeros(1, 4, 8, 16), 5
+
+    def run(shared: bool):
+        den_a = GaussianDenoiser(S)
+        den_b = den_a if shared else GaussianDenoiser(S)
+        base = AdvancedSampler(den_a, cfg, name, "karras", conditioning(MU_A), conditioning(0.0))
+        inner = AdvancedSampler(den_b, cfg, name, "karras", conditioning(MU_B), conditioning(0.0))
+        out = sample_two_samplers(latent, left_half(8, 16), base, inner, seed=3, steps=steps,
+                                  overlap_factor=OVERLAP, mode="coherent")
+        return out, den_a.calls + (den_b.calls if not shared else [])
+
+    (together, calls_together), (apart, calls_apart) = run(True), run(False)
+    torch.testing.assert_close(together, apart, rtol=1e-6, atol=1e-6)
+    assert len(calls_together) == len(calls_apart) - steps
+    rows = 1 if cfg == 1.0 else 2
+    assert calls_together.count(2 * rows) == steps  # one paired forward per step
+    assert sum(calls_together) == sum(calls_apart)  # no evaluation wasted or repeated

@@ -46,9 +46,10 @@ def blob_mask(g: torch.Generator, res: int = 8 * SIZE) -> torch.Tensor:
     return (radius + 4 - dist).clamp(0, 4)[None] / 4
 
 
-def make_jobs(den, n: int, names: tuple[str, str], width: int = 32, cfg=(7.0, 4.0)) -> list[BatchJob]:
+def make_jobs(den, n: int, names: tuple[str, str], width: int = 32, cfg=(7.0, 4.0), mode: str = "comfy") -> list[BatchJob]:
     """n jobs differing in seed, latent, mask and conditioning; job 1 has a latent batch of 2
-    with a batch-1 positive and a batch-2 negative (guidance repeats them to its rows)."""
+    with a batch-1 positive and a batch-2 negative (guidance repeats them to its rows).
+    Coherent jobs run both samplers on karras (the mode wants one schedule)."""
     g = torch.Generator().manual_seed(100 + n)
     jobs = []
     for i in range(n):
@@ -61,10 +62,11 @@ def make_jobs(den, n: int, names: tuple[str, str], width: int = 32, cfg=(7.0, 4.
             latent=torch.randn(b, 4, SIZE, SIZE, generator=g),
             mask=blob_mask(g),
             base=AdvancedSampler(den, cfg[0], names[0], "karras", cond(), cond(b)),
-            mask_sampler=AdvancedSampler(den, cfg[1], names[1], "normal", cond(), cond()),
+            mask_sampler=AdvancedSampler(den, cfg[1], names[1], "karras" if mode == "coherent" else "normal", cond(), cond()),
             seed=1000 * i + 7,
             steps=STEPS,
             overlap_factor=3,
+            mode=mode,
         ))
     return jobs
 
@@ -102,6 +104,17 @@ def test_fused_forward_is_bitwise_with_the_unet_when_the_jobs_have_equal_rows(un
     jobs = [job for job in make_jobs(unet, 4, names) if job.latent.shape[0] == 1]
     assert len(jobs) == 3
     assert_bitwise(sample_job_batch(jobs, forward="fused"), jobs)
+
+
+@pytest.mark.parametrize("names", [("euler", "dpmpp_2m"), ("euler_ancestral", "dpmpp_2m_sde")], ids="+".join)
+def test_coherent_batches_are_bitwise_the_jobs_alone_with_the_unet(unet, names):
+    """Coherent mode's paired first evaluation (four row blocks per job) keeps both
+    forwards bitwise: per_job gives each job its four blocks, fused (equal rows) computes
+    the timestep rows at one job's count."""
+    jobs = make_jobs(unet, 3, names, mode="coherent")
+    assert_bitwise(sample_job_batch(jobs, forward="per_job"), jobs)
+    equal_rows = [job for job in make_jobs(unet, 4, names, mode="coherent") if job.latent.shape[0] == 1]
+    assert_bitwise(sample_job_batch(equal_rows, forward="fused"), equal_rows)
 
 
 def test_fused_forward_with_the_unet_on_cpu_matches_to_float_rounding(unet):
