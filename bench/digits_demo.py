@@ -18,6 +18,8 @@ logistic regression trained on the same training split, fed each half average-po
 back to 8x8, says which digit it sees. Reported: how often it sees digit a on the left
 and digit b on the right, and the outputs' roughness (mean absolute difference of
 neighbouring pixels; the training digits' is printed too): leftover noise raises it.
+For comparison, each sampler alone on one 16x16 cell asking digit a (`run_alone`): how
+often the digit is read, and its roughness, the model's own at this step count.
 
 A grid of examples (rows: samplers, columns: modes; the same digit pairs and seed in
 every cell) goes to docs/mode_grid.png. Modes come from `maskfleet.sampling.MODES`, so
@@ -153,6 +155,21 @@ def run_jobs(model: DigitModel, denoiser: UNetDenoiser, sampler_name: str, mode:
                                overlap_factor=args.overlap, mode=mode)
 
 
+def run_alone(model: DigitModel, denoiser: UNetDenoiser, sampler_name: str, digits: torch.Tensor, args) -> torch.Tensor:
+    """The sampler alone, one 16x16 cell per row asking `digits`: [N, 1, 16, 16].
+
+    Coherent mode with an empty mask is the base sampler run as k-diffusion runs it (its
+    state kept over the steps, one noise stream; tests/test_coherent_mode.py checks this);
+    the mask sampler's result is blended in with weight 0. The model's own quality, with
+    no second sampler and no seam.
+    """
+    with torch.no_grad():
+        negative = model.context(torch.tensor([UNCOND]))
+        sampler = AdvancedSampler(denoiser, args.cfg, sampler_name, args.scheduler, model.context(digits), negative)
+    return sample_two_samplers(torch.zeros(len(digits), 1, CELL, CELL), torch.zeros(CELL, CELL), sampler, sampler,
+                               seed=args.seed, steps=args.steps, denoise=1.0, overlap_factor=0, mode="coherent")
+
+
 def region_accuracy(clf, out: torch.Tensor, pairs: torch.Tensor) -> tuple[float, float]:
     """Share of rows whose left cell reads as pairs[:, 0] and whose right cell reads as pairs[:, 1]."""
     left = clf.predict(classifier_features(out[..., :CELL]))
@@ -211,7 +228,7 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", default=list(DEFAULT_SAMPLERS))
     parser.add_argument("--jobs", type=int, default=20, help="jobs per sampler and mode")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--scheduler", default="normal")
+    parser.add_argument("--scheduler", default="karras")
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--overlap", type=int, default=4, help="overlap_factor in latent (= image) pixels")
     parser.add_argument("--seed", type=int, default=0)
@@ -250,8 +267,8 @@ def main() -> None:
     print(f"jobs: {args.jobs} per cell, 1x{CELL}x{2 * CELL} latent, {args.steps} steps, {args.scheduler}, "
           f"cfg {args.cfg}, overlap {args.overlap}, denoise 1.0, seed {args.seed}")
     print(f"roughness (mean |neighbour difference|) of the training digits: {roughness(train_x):.3f}")
-    print(f"\n| sampler | {' | '.join(f'{m} left | {m} right | {m} rough' for m in modes)} |")
-    print(f"|---|{'---|---|---|' * len(modes)}")
+    print(f"\n| sampler | {' | '.join(f'{m} left | {m} right | {m} rough' for m in modes)} | alone | alone rough |")
+    print(f"|---|{'---|---|---|' * len(modes)}---|---|")
     cells: dict[tuple[str, str], torch.Tensor | None] = {}
     for sampler in args.samplers:
         row = []
@@ -266,6 +283,12 @@ def main() -> None:
             left, right = region_accuracy(clf, out, pairs)
             row += [f"{left:.2f}", f"{right:.2f}", f"{roughness(out):.3f}"]
             cells[(sampler, mode)] = out[: len(GRID_PAIRS)]
+        try:
+            alone = run_alone(model, denoiser, sampler, pairs[:, 0], args)
+            correct = clf.predict(classifier_features(alone)) == pairs[:, 0].numpy()
+            row += [f"{float(correct.mean()):.2f}", f"{roughness(alone):.3f}"]
+        except InvalidInput:  # a sampler coherent mode refuses has no run-alone path here
+            row += ["-", "-"]
         print(f"| {sampler} | {' | '.join(row)} |", flush=True)
     save_grid(cells, args.samplers, modes, args.grid)
     print(f"\ngrid: {args.grid} ({args.grid.stat().st_size // 1024} KiB)")
