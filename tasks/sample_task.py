@@ -118,7 +118,7 @@ def run_job_guarded(job: Any, **hooks: Any) -> dict:
     raise JobOutOfMemory(message)
 
 
-@app.task(bind=True, name=TASK_NAME)
+@app.task(bind=True, name=TASK_NAME, Request="maskfleet.tasks.queued_cancel:SampleRequest")
 def sample(self: Any, job_data: dict) -> dict:
     try:
         return run_task(self, job_data)

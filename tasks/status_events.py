@@ -18,7 +18,9 @@ Hooked to the task's lifecycle rather than woven into it:
   So does a hard time limit, which Celery reports from the worker's main process.
 - cancelled: ``task_postrun`` with state IGNORED: the task raises Ignore only when it is
   cancelled (cancellation.end_cancelled). A job cancelled while still queued never
-  reaches a pool process and gets no webhook.
+  reaches a pool process: the worker's main process drops it, and the task's Request
+  class (queued_cancel.py) calls :func:`announce_dropped`, which sends ``cancelled``
+  with ``"queued": true`` (and no ``started`` before it).
 
 The sender is one :class:`WebhookSender` per process, made on the first job with a
 callback (so in the prefork child), with its retry bound from the environment
@@ -116,16 +118,27 @@ def _on_failure(sender: Any = None, task_id: str | None = None, exception: BaseE
                 args: Any = None, **_: Any) -> None:
     if not _ours(sender) or task_id is None:
         return
+    data = {"error": str(exception) or type(exception).__name__, "exception": type(exception).__name__}
+    _final_event(task_id, args, "failed", data)
+
+
+def announce_dropped(task_id: str, args: Any) -> None:
+    """`cancelled` for a job the worker dropped without running it (revoked while queued;
+    queued_cancel.SampleRequest), when its callback validates and the policy allows it."""
+    _final_event(task_id, args, "cancelled", {"queued": True})
+
+
+def _final_event(task_id: str, args: Any, event: str, data: dict) -> None:
+    """A job's last event, also for a job never announced (its callback read from the message's args)."""
     if task_id not in _watched:
         unannounced = _unannounced_callback(args)
         if unannounced is None:
             return
         _watched[task_id] = unannounced
-    data = {"error": str(exception) or type(exception).__name__, "exception": type(exception).__name__}
     try:
-        _emit(task_id, "failed", data)
+        _emit(task_id, event, data)
     except RuntimeError as e:  # no secret on this worker: nothing can be signed
-        log.warning("no failed webhook for %s: %s", task_id, e)
+        log.warning("no %s webhook for %s: %s", event, task_id, e)
     finally:
         _watched.pop(task_id, None)
 

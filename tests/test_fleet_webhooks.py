@@ -125,6 +125,24 @@ def test_cancelled_running_job_sends_cancelled(fleet):
     assert handle.status()["state"] == "REVOKED"
 
 
+def test_job_cancelled_while_queued_sends_cancelled_and_nothing_else(fleet):
+    """The worker drops a revoked job without running it; the producer still hears `cancelled`."""
+    running = make_job(fleet, "busy", steps=2000)
+    busy = submit(running, broker_url=fleet["url"])
+    wait_event(fleet, running["job_id"], "job.progress")  # the only pool process is taken
+    queued = make_job(fleet, "queued-cancel")
+    handle = submit(queued, broker_url=fleet["url"])
+    handle.cancel()
+    busy.cancel()  # frees the worker, which then receives the queued job and drops it
+    seen = wait_event(fleet, queued["job_id"], "job.cancelled")
+    assert [k for k, _ in seen] == ["job.cancelled"]  # never started
+    assert seen[0][1]["queued"] is True and seen[0][1]["task_id"] == queued["job_id"]
+    assert handle.status()["state"] == "REVOKED"
+    assert not Path(queued["output"][len("file://"):]).exists()
+    assert fleet["hook"].bad == []
+    wait_event(fleet, running["job_id"], "job.cancelled")
+
+
 def test_metadata_callback_is_refused_by_the_client_and_nothing_is_sent(fleet):
     job = make_job(fleet, "metadata")
     job["callback"]["url"] = "http://169.254.169.254/latest/meta-data/"
