@@ -179,6 +179,15 @@ class JobRunner:
 
     def run(self, job: Job, on_progress: ProgressHook | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
         """Run `job` and return a small JSON-able result (never tensors)."""
+        return self.finish(*self.sampled(job, on_progress, should_stop))
+
+    def sampled(self, job: Job, on_progress: ProgressHook | None = None,
+                should_stop: Callable[[], bool] | None = None) -> tuple[PreparedJob, torch.Tensor]:
+        """Prepare and sample `job`: everything before `finish` writes it (the sampled latent on the CPU).
+
+        Apart from `finish` so that a caller can retry the write alone (a fleet worker does,
+        on storage faults) instead of sampling the job again.
+        """
         if self.lane is None:
             prepared = self.prepare(job)
             out = prepared.sample(on_progress, should_stop)
@@ -186,7 +195,7 @@ class JobRunner:
             with self.lane.expecting() as expected:
                 prepared = self.prepare(job)
                 out = self.lane.run(prepared, batch_key(prepared), on_progress, should_stop, expected)
-        return self.finish(prepared, out.cpu())
+        return prepared, out.cpu()
 
     def finish(self, prepared: PreparedJob, out: torch.Tensor) -> dict:
         """Check and write the sampled latent (and preview); the job's result."""

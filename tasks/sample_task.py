@@ -11,7 +11,9 @@ with JobOutOfMemory when the job does not fit the device (memory_limit.py), with
 PoisonJob when its worker died during each of its last deliveries (deliveries.py): none
 of them retried; retried with backoff when storage is unavailable (at most
 MASKFLEET_STORAGE_RETRIES times, after botocore's own retries), then FAILURE with
-StorageUnavailable; REVOKED when cancelled (see cancellation.py). A job that loses Redis
+StorageUnavailable: the whole task while reading inputs and models, the output write
+alone once the job is sampled (`write_with_retries`: sampling again would redo the
+GPU's work for a fault of the store); REVOKED when cancelled (see cancellation.py). A job that loses Redis
 while it runs (our own keys: delivery count, cancel flag, finished results) is handed
 back to the queue with no state stored (Reject with requeue), never FAILURE: the outage
 is not the job's fault, and a FAILURE seen for a moment would end a producer's wait.
@@ -21,16 +23,20 @@ only wires their hooks into the run.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import threading
-from typing import Any
+import time
+from typing import Any, Callable
 
 import redis
+import torch
 from celery.exceptions import Reject
 
 from ..job import JobError, parse_job
 from ..local_run import JobRunner, RunOptions
+from ..prepared_job import PreparedJob
 from ..sampling.errors import InvalidInput, SamplingStopped
 from ..storage.errors import InvalidFile, StorageUnavailable
 from ..storage.model_store import models_root_from
@@ -45,6 +51,8 @@ from .pipelined_worker import model_lane, within_time_limit
 from .progress import task_progress
 from .settings import TASK_NAME, check_time_limit, load_settings
 from .status_events import announce_start
+
+log = logging.getLogger(__name__)
 
 _runner: tuple[int, JobRunner] | None = None
 _making_runner = threading.Lock()  # a pipelined worker's job threads ask for it at once
@@ -63,8 +71,6 @@ def _make_runner() -> JobRunner:
     if _runner is None or _runner[0] != os.getpid():
         threads = os.environ.get("MASKFLEET_TORCH_THREADS")
         if threads:
-            import torch
-
             torch.set_num_threads(int(threads))
         try:
             root = models_root_from(None)
@@ -104,11 +110,12 @@ def soft_seconds(task: Any) -> float | None:
     return limits[1] or app.conf.task_soft_time_limit
 
 
-def run_job_guarded(job: Any, **hooks: Any) -> dict:
-    """Run `job` on this process's runner; an out-of-memory error becomes JobOutOfMemory after freeing."""
+def sample_guarded(job: Any, **hooks: Any) -> tuple[PreparedJob, torch.Tensor]:
+    """Prepare and sample `job` on this process's runner; an out-of-memory error becomes
+    JobOutOfMemory after freeing."""
     job_runner = runner()
     try:
-        return job_runner.run(job, **hooks)
+        return job_runner.sampled(job, **hooks)
     except Exception as e:
         if not is_out_of_memory(e):
             raise
@@ -116,6 +123,36 @@ def run_job_guarded(job: Any, **hooks: Any) -> dict:
     # Outside the except block: the error's traceback, which holds the job's tensors, is gone.
     free_memory(job_runner.device)
     raise JobOutOfMemory(message)
+
+
+def write_with_retries(task: Any, prepared: PreparedJob, out: torch.Tensor, retries: int,
+                       should_stop: Callable[[], bool]) -> dict:
+    """Write a sampled job, retrying the write alone on storage faults (`retries` times, the task's
+    backoff) rather than the task, which would sample the job again; then FAILURE with the error.
+
+    The cancel flag and (pipelined) the soft time limit are checked before each new attempt.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return runner().finish(prepared, out)
+        except StorageUnavailable as e:
+            if attempt == retries:
+                raise StoredFailure(e) from None
+            wait = storage_retry_countdown(attempt)
+            log.warning("job %s: output write failed (%s); writing again in %.1f s (retry %d of %d), not sampling again",
+                        task.request.id, e, wait, attempt + 1, retries)
+            time.sleep(wait)
+            if should_stop():
+                raise SamplingStopped("stopped before writing the output again") from None
+    raise AssertionError("unreachable")
+
+
+class StoredFailure(Exception):
+    """The output could not be written after the write's own retries: end FAILURE with `error`, no task retry."""
+
+    def __init__(self, error: StorageUnavailable):
+        super().__init__(str(error))
+        self.error = error
 
 
 @app.task(bind=True, name=TASK_NAME, Request="maskfleet.tasks.queued_cancel:SampleRequest")
@@ -147,9 +184,12 @@ def run_task(task: Any, job_data: dict) -> dict:
         should_stop = within_time_limit(should_stop, soft_seconds(task))
     try:
         with served_inputs(task.request.id):
-            return run_job_guarded(job, on_progress=task_progress(task), should_stop=should_stop)
+            prepared, out = sample_guarded(job, on_progress=task_progress(task), should_stop=should_stop)
+            return write_with_retries(task, prepared, out, settings.storage_retries, should_stop)
     except SamplingStopped:
         end_cancelled(task)
+    except StoredFailure as e:
+        raise e.error from None
     except StorageUnavailable as e:
         raise task.retry(exc=e, countdown=storage_retry_countdown(task.request.retries),
                          max_retries=settings.storage_retries) from None

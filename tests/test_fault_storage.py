@@ -9,9 +9,10 @@ request-line pattern (e.g. only the PUT of the job's output). The test checks th
 directly on the moto server, bypassing the proxy.
 
 Retry budget of the worker here: botocore makes ATTEMPTS requests per S3 call (its
-"standard" mode, MASKFLEET_S3_MAX_ATTEMPTS), and the task is retried STORAGE_RETRIES
-times on StorageUnavailable (MASKFLEET_STORAGE_RETRIES), so a failing S3 call is made
-exactly ATTEMPTS * (STORAGE_RETRIES + 1) times before the job fails.
+"standard" mode, MASKFLEET_S3_MAX_ATTEMPTS), and on StorageUnavailable the task is retried
+STORAGE_RETRIES times (MASKFLEET_STORAGE_RETRIES) while reading, or, once the job is
+sampled, the output write alone is retried as often (the job is not sampled again), so a
+failing S3 call is made exactly ATTEMPTS * (STORAGE_RETRIES + 1) times before the job fails.
 """
 from __future__ import annotations
 
@@ -127,22 +128,28 @@ def task_retries(fleet, job: dict) -> int:
     return fleet["app"].AsyncResult(job["job_id"]).retries or 0
 
 
-def retry_log_lines(fleet, job: dict) -> list[str]:
+def retry_log_lines(fleet, job: dict, marker: str = "retry: Retry in") -> list[str]:
+    """The worker's log lines about retrying this job: the task's (default) or the output write's."""
     log = fleet["worker"].log.read_text(errors="replace")
-    return [line for line in log.splitlines() if job["job_id"] in line and "retry: Retry in" in line]
+    return [line for line in log.splitlines() if job["job_id"] in line and marker in line]
+
+
+WRITE_RETRY = "not sampling again"  # write_with_retries' log line
 
 
 # --- transient faults: the job succeeds with the fault-free output ---
 
 TRANSIENT = {
-    # name: (rules as (action, what to match, count, hold: seconds, or bytes for "cut"), task retries expected)
+    # name: (rules as (action, what to match, count, hold: seconds, or bytes for "cut"),
+    #        task retries expected, output-write retries expected)
     "reset, read timeout and 503 once each": ([("drop", "GET latent", ATTEMPTS - 1, 0),
                                                ("delay", "GET mask", ATTEMPTS - 1, READ_TIMEOUT_S * 3),
-                                               ("error", "PUT output", ATTEMPTS - 1, 0)], 0),
-    "503 on everything for a while": ([("error", "any", ATTEMPTS + 1, 0)], 1),
-    "output PUT timing out past botocore": ([("delay", "PUT output", ATTEMPTS, READ_TIMEOUT_S * 3)], 1),
+                                               ("error", "PUT output", ATTEMPTS - 1, 0)], 0, 0),
+    "503 on everything for a while": ([("error", "any", ATTEMPTS + 1, 0)], 1, 0),
+    # Past botocore's attempts the write alone is retried: the job is not sampled again.
+    "output PUT timing out past botocore": ([("delay", "PUT output", ATTEMPTS, READ_TIMEOUT_S * 3)], 0, 1),
     # botocore retries requests, not bodies: a download cut half-way is the task's to retry.
-    "latent download cut half-way": ([("cut", "GET latent", 1, 4000)], 1),
+    "latent download cut half-way": ([("cut", "GET latent", 1, 4000)], 1, 0),
 }
 
 
@@ -157,7 +164,7 @@ def install(fleet, proxy: FaultProxy, job: dict, rules) -> None:
 
 @pytest.mark.parametrize("case", list(TRANSIENT))
 def test_transient_fault_is_retried_and_the_job_succeeds(fleet, fault_free, proxy, case):
-    rules, expected_retries = TRANSIENT[case]
+    rules, expected_retries, write_retries = TRANSIENT[case]
     job = s3_job(fleet, "transient")
     install(fleet, proxy, job, rules)
     started = time.monotonic()
@@ -170,8 +177,9 @@ def test_transient_fault_is_retried_and_the_job_succeeds(fleet, fault_free, prox
     assert leftovers(fleet, job) == {"objects": [key_of(job["output"]), key_of(job["preview"])], "uploads": []}
     assert task_retries(fleet, job) == expected_retries
     assert len(retry_log_lines(fleet, job)) == expected_retries
+    assert len(retry_log_lines(fleet, job, WRITE_RETRY)) == write_retries
     print(f"{case}: {sum(r.hits for r in proxy.rules)} faulted requests, {expected_retries} task retries, "
-          f"SUCCESS in {took:.2f} s (fault-free {fault_free['wall_s']:.2f} s)")
+          f"{write_retries} output-write retries, SUCCESS in {took:.2f} s (fault-free {fault_free['wall_s']:.2f} s)")
 
 
 # --- permanent faults: FAILURE with StorageUnavailable after bounded retries, nothing left ---
@@ -201,16 +209,19 @@ def test_permanent_fault_fails_the_job_after_bounded_retries_leaving_nothing(fle
 
     assert failed.value.state == "FAILURE"
     assert re.fullmatch(rf"{field}: {message}.*", failed.value.message), failed.value.message
-    assert task_retries(fleet, job) == STORAGE_RETRIES
-    assert len(retry_log_lines(fleet, job)) == STORAGE_RETRIES
+    # Reading fails the task's attempts; writing fails the write's own attempts (sampled once).
+    task_tries, write_tries = (0, STORAGE_RETRIES) if field == "output" else (STORAGE_RETRIES, 0)
+    assert task_retries(fleet, job) == task_tries
+    assert len(retry_log_lines(fleet, job)) == task_tries
+    assert len(retry_log_lines(fleet, job, WRITE_RETRY)) == write_tries
     failing = job["output"] if field == "output" else job["latent"]
     calls = proxy.seen(rf"^(GET|PUT) {path_of(fleet, failing)}$")
     assert len(calls) == CALLS_BEFORE_FAILING and {c.action for c in calls} == {action}
     assert leftovers(fleet, job) == {"objects": [], "uploads": []}
     if field == "output":  # the preview was written each time and taken back each time
         assert len(proxy.seen(rf"^DELETE {path_of(fleet, job['preview'])}$", "pass")) == STORAGE_RETRIES + 1
-    print(f"{case}: {len(calls)} requests for the failing call, {STORAGE_RETRIES} task retries, "
-          f"FAILURE in {took:.2f} s: {failed.value.message}")
+    print(f"{case}: {len(calls)} requests for the failing call, {task_tries} task retries, {write_tries} "
+          f"output-write retries, FAILURE in {took:.2f} s: {failed.value.message}")
 
 
 @pytest.fixture(scope="module")
