@@ -13,13 +13,12 @@ of them retried; retried with backoff when storage is unavailable (at most
 MASKFLEET_STORAGE_RETRIES times, after botocore's own retries), then FAILURE with
 StorageUnavailable: the whole task while reading inputs and models, the output write
 alone once the job is sampled (`write_with_retries`: sampling again would redo the
-GPU's work for a fault of the store); REVOKED when cancelled (see cancellation.py). A job that loses Redis
-while it runs (our own keys: delivery count, cancel flag, finished results) is handed
-back to the queue with no state stored (Reject with requeue), never FAILURE: the outage
-is not the job's fault, and a FAILURE seen for a moment would end a producer's wait.
-Progress, webhooks
-(status_events.py), cancellation and idempotency live in their own modules; this body
-only wires their hooks into the run.
+GPU's work for a fault of the store); REVOKED when cancelled (see cancellation.py).
+A job that loses Redis while it runs (our own keys: delivery count, cancel flag,
+finished results) is handed back to the queue with no state stored (Reject with
+requeue), never FAILURE: the outage is not the job's fault, and a FAILURE seen for a
+moment would end a producer's wait. Progress, webhooks (status_events.py), cancellation
+and idempotency live in their own modules; this body only wires their hooks into the run.
 """
 from __future__ import annotations
 
@@ -132,22 +131,23 @@ def write_with_retries(task: Any, prepared: PreparedJob, out: torch.Tensor, retr
 
     The cancel flag and (pipelined) the soft time limit are checked before each new attempt.
     """
-    for attempt in range(retries + 1):
+    attempt = 0
+    while True:
         try:
             return runner().finish(prepared, out)
         except StorageUnavailable as e:
             if attempt == retries:
-                raise StoredFailure(e) from None
+                raise OutputWriteFailed(e) from None
             wait = storage_retry_countdown(attempt)
+            attempt += 1
             log.warning("job %s: output write failed (%s); writing again in %.1f s (retry %d of %d), not sampling again",
-                        task.request.id, e, wait, attempt + 1, retries)
-            time.sleep(wait)
-            if should_stop():
-                raise SamplingStopped("stopped before writing the output again") from None
-    raise AssertionError("unreachable")
+                        task.request.id, e, wait, attempt, retries)
+        time.sleep(wait)
+        if should_stop():
+            raise SamplingStopped("stopped before writing the output again")
 
 
-class StoredFailure(Exception):
+class OutputWriteFailed(Exception):
     """The output could not be written after the write's own retries: end FAILURE with `error`, no task retry."""
 
     def __init__(self, error: StorageUnavailable):
@@ -188,7 +188,7 @@ def run_task(task: Any, job_data: dict) -> dict:
             return write_with_retries(task, prepared, out, settings.storage_retries, should_stop)
     except SamplingStopped:
         end_cancelled(task)
-    except StoredFailure as e:
+    except OutputWriteFailed as e:
         raise e.error from None
     except StorageUnavailable as e:
         raise task.retry(exc=e, countdown=storage_retry_countdown(task.request.retries),
