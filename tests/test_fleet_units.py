@@ -1,4 +1,4 @@
-"""Fleet pieces without a broker: settings, routing, the progress throttle, the launcher's plan."""
+"""Fleet pieces without a broker: settings, routing, the progress throttle, the launcher's plan, the write retry."""
 from __future__ import annotations
 
 import pytest
@@ -85,3 +85,64 @@ def test_a_job_that_cannot_reach_redis_is_handed_back_not_failed(monkeypatch):
     assert caught.value.requeue is True
     assert "Redis unreachable" in str(caught.value.reason)
     monkeypatch.setattr(redis_keys, "_client", None)
+
+
+class FlakyRunner:
+    """A runner whose output write fails `failures` times with StorageUnavailable, then succeeds."""
+
+    def __init__(self, failures: int):
+        self.failures, self.calls = failures, 0
+
+    def finish(self, prepared, out) -> dict:
+        from maskfleet.storage.errors import StorageUnavailable
+
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise StorageUnavailable("output", "S3 error SlowDown (HTTP 503), after retries")
+        return {"written": self.calls}
+
+
+def flaky_store(monkeypatch, failures: int) -> tuple[FlakyRunner, list[float]]:
+    """The process's runner replaced by a FlakyRunner; the waits between attempts recorded instead of slept."""
+    from maskfleet.tasks import sample_task
+
+    flaky, waits = FlakyRunner(failures), []
+    monkeypatch.setattr(sample_task, "runner", lambda: flaky)
+    monkeypatch.setattr(sample_task.time, "sleep", waits.append)
+    return flaky, waits
+
+
+def write(retries: int, should_stop=lambda: False) -> dict:
+    from types import SimpleNamespace
+
+    from maskfleet.tasks.sample_task import write_with_retries
+
+    task = SimpleNamespace(request=SimpleNamespace(id="write-retry"))
+    return write_with_retries(task, None, None, retries, should_stop)
+
+
+def test_output_write_is_retried_alone_with_the_tasks_backoff(monkeypatch):
+    flaky, waits = flaky_store(monkeypatch, failures=2)
+    assert write(retries=3) == {"written": 3}
+    assert flaky.calls == 3 and len(waits) == 2
+    assert 1 <= waits[0] <= 2 and 2 <= waits[1] <= 4  # storage_retry_countdown(0), (1)
+
+
+def test_output_write_gives_up_after_its_retries_with_the_storage_error(monkeypatch):
+    from maskfleet.storage.errors import StorageUnavailable
+    from maskfleet.tasks.sample_task import OutputWriteFailed
+
+    flaky, _ = flaky_store(monkeypatch, failures=10)
+    with pytest.raises(OutputWriteFailed) as failed:
+        write(retries=2)
+    assert isinstance(failed.value.error, StorageUnavailable) and str(failed.value).startswith("output: ")
+    assert flaky.calls == 3
+
+
+def test_cancelling_between_write_attempts_stops_without_writing_again(monkeypatch):
+    from maskfleet.sampling.errors import SamplingStopped
+
+    flaky, _ = flaky_store(monkeypatch, failures=10)
+    with pytest.raises(SamplingStopped):
+        write(retries=5, should_stop=lambda: True)
+    assert flaky.calls == 1
