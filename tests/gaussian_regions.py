@@ -182,17 +182,19 @@ def measure(out: torch.Tensor, setup: Setup, overlap: int) -> RegionStats:
     return RegionStats(mean_a, std_a, mean_b, std_b, tuple(float(v) for v in profile))
 
 
-def samplers_for(setup: Setup, sampler_name: str, scheduler: str) -> tuple[AdvancedSampler, AdvancedSampler]:
-    den = GaussianDenoiser(setup.s)
+def samplers_for(setup: Setup, sampler_name: str, scheduler: str, den=None) -> tuple[AdvancedSampler, AdvancedSampler]:
+    den = den or GaussianDenoiser(setup.s)
     a, b = conditioning(setup.mu_a), conditioning(setup.mu_b)
     return (AdvancedSampler(den, 1.0, sampler_name, scheduler, a, a), AdvancedSampler(den, 1.0, sampler_name, scheduler, b, b))
 
 
 def run_job(
-    mode: str, sampler_name: str, scheduler: str, denoise: float, overlap: int, steps: int, setup: Setup = Setup()
+    mode: str, sampler_name: str, scheduler: str, denoise: float, overlap: int, steps: int, setup: Setup = Setup(),
+    den=None,
 ) -> RegionStats:
-    """One dual-sampler job over all seeds at once, measured."""
-    base, mask_sampler = samplers_for(setup, sampler_name, scheduler)
+    """One dual-sampler job over all seeds at once, measured; `den` replaces the GaussianDenoiser
+    (a UNetDenoiser around analytic_denoiser.GaussianUNet, say)."""
+    base, mask_sampler = samplers_for(setup, sampler_name, scheduler, den)
     out = sample_two_samplers(
         setup.input_latent(denoise), setup.mask(), base, mask_sampler,
         seed=setup.seed, steps=steps, denoise=denoise, overlap_factor=overlap, mode=mode,
