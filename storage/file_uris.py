@@ -9,7 +9,7 @@ in the same directory, fsync, ``os.replace``), so a consumer never sees half a l
 import os
 import secrets
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -56,31 +56,47 @@ def local_path(uri: str, field: str) -> Path:
     return Path(path).absolute()
 
 
-def write_atomic(path: Path, data: bytes, xattrs: Mapping[str, bytes] | None = None) -> None:
+def write_atomic(path: Path, data: bytes, xattrs: Mapping[str, bytes] | None = None,
+                 open_dir: Callable[[], int] | None = None) -> None:
     """Write ``data`` to ``path`` whole or not at all, creating parent directories.
 
     The bytes go to a temporary file next to ``path``, are fsynced, then renamed over
     ``path``. On any failure the temporary file is removed and ``path`` is untouched.
     ``xattrs`` (such as ``{"user.sha256": b"..."}``) are set on the temporary file before
     the rename, so the file appears with them; best effort: skipped where the filesystem
-    or platform has no extended attributes.
+    or platform has no extended attributes. Everything happens relative to one descriptor
+    of the parent directory: ``open_dir`` gives it (allowed_roots.open_confined, which
+    creates the parents without following links), else a plain open after mkdir -p.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    # O_EXCL with mode 0o666 so the final file gets the usual umask permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    if open_dir is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        dir_fd = open_dir()
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            for name, value in (xattrs or {}).items():
-                _set_xattr(f.fileno(), name, value)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+        tmp = f".{path.name}.{secrets.token_hex(8)}.tmp"
+        # O_EXCL with mode 0o666 so the final file gets the usual umask permissions.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                for name, value in (xattrs or {}).items():
+                    _set_xattr(f.fileno(), name, value)
+                os.fsync(f.fileno())
+            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            raise
+        try:  # make the rename durable; best effort where directories cannot be synced
+            os.fsync(dir_fd)
+        except OSError:
+            pass
+    finally:
+        os.close(dir_fd)
 
 
 def _set_xattr(fd: int, name: str, value: bytes) -> None:
@@ -93,40 +109,32 @@ def _set_xattr(fd: int, name: str, value: bytes) -> None:
         pass
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable; best effort where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def read_bytes(path: Path, field: str, max_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+               open_file: Callable[[], int] | None = None) -> bytes:
+    """Read a whole regular file, refusing missing files and files over ``max_bytes``.
 
-
-def read_bytes(path: Path, field: str, max_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> bytes:
-    """Read a whole regular file, refusing missing files and files over ``max_bytes``."""
+    ``open_file`` gives the descriptor (allowed_roots.open_confined); else a plain open.
+    The checks are made on the open file (fstat), so they hold for the bytes read.
+    """
     try:
-        info = path.stat()
+        fd = open_file() if open_file is not None else os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise InvalidFile(field, f"{path} does not exist") from None
     except OSError as e:
         raise InvalidFile(field, f"cannot access {path}: {e.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise InvalidFile(field, f"{path} is not a regular file")
-    if info.st_size > max_bytes:
-        raise InvalidFile(
-            field, f"{path} is {info.st_size} bytes, over the {max_bytes}-byte input cap")
-    try:
-        with open(path, "rb") as f:
-            # Read what stat() saw (+1 byte to notice growth), not up to the cap: read(n)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+        os.close(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidFile(field, f"{path} is not a regular file")
+        raise InvalidFile(field, f"{path} is {info.st_size} bytes, over the {max_bytes}-byte input cap")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            # Read what fstat() saw (+1 byte to notice growth), not up to the cap: read(n)
             # reserves n bytes first, a gigabyte per input against the worker's memory limit.
             data = f.read(info.st_size + 1)
-    except OSError as e:
-        raise InvalidFile(field, f"cannot read {path}: {e.strerror}") from None
-    if len(data) > info.st_size:  # the file grew after stat(): being written, not an input yet
+        except OSError as e:
+            raise InvalidFile(field, f"cannot read {path}: {e.strerror}") from None
+    if len(data) > info.st_size:  # the file grew after fstat(): being written, not an input yet
         raise InvalidFile(field, f"{path} changed while it was read")
     return data

@@ -27,7 +27,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from .allowed_roots import confine
+from .allowed_roots import confine, open_confined
 from .errors import InvalidFile, StorageUnavailable
 from .file_uris import DEFAULT_MAX_INPUT_BYTES, local_path, read_bytes, write_atomic
 from .prefetched_objects import served
@@ -72,7 +72,7 @@ def read_object(uri: Uri, field: str, max_bytes: int = DEFAULT_MAX_INPUT_BYTES) 
         ahead = served(uri, max_bytes)
         return ahead if ahead is not None else _read_s3(uri, field, max_bytes)
     path = confine(_local(uri, field), field)
-    return read_bytes(path, field, max_bytes)
+    return read_bytes(path, field, max_bytes, open_file=lambda: open_confined(path, field))
 
 
 def write_object(uri: Uri, data: bytes, field: str = "output",
@@ -84,7 +84,8 @@ def write_object(uri: Uri, data: bytes, field: str = "output",
         return digest
     path = confine(_local(uri, field), field, writing=True)
     try:
-        write_atomic(path, data, xattrs={SHA256_XATTR: digest.encode("ascii")})
+        write_atomic(path, data, xattrs={SHA256_XATTR: digest.encode("ascii")},
+                     open_dir=lambda: open_confined(path.parent, field, directory=True, create=True))
     except OSError as e:
         raise InvalidFile(field, f"cannot write {path}: {e.strerror or e}") from None
     return digest
@@ -103,9 +104,19 @@ def delete_object(uri: Uri, field: str = "output") -> None:
         return
     path = confine(_local(uri, field), field, writing=True)
     try:
-        path.unlink(missing_ok=True)
+        dir_fd = open_confined(path.parent, field, directory=True)
+    except FileNotFoundError:
+        return  # no folder, no file
     except OSError as e:
         raise InvalidFile(field, f"cannot delete {path}: {e.strerror or e}") from None
+    try:
+        os.unlink(path.name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise InvalidFile(field, f"cannot delete {path}: {e.strerror or e}") from None
+    finally:
+        os.close(dir_fd)
 
 
 def _local(uri: Uri, field: str) -> Path:

@@ -61,7 +61,7 @@ def test_write_atomic_failed_replace_keeps_old_file(tmp_path, monkeypatch):
     target = tmp_path / "out.latent"
     target.write_bytes(b"old")
 
-    def broken_replace(src, dst):
+    def broken_replace(src, dst, **_dir_fds):
         raise OSError("disk on fire")
 
     monkeypatch.setattr(os, "replace", broken_replace)

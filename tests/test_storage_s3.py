@@ -28,6 +28,8 @@ from maskfleet.storage import (
     write_object,
 )
 from local_xattrs import user_xattr_or_skip
+from maskfleet.storage.allowed_roots import confine, open_confined
+from maskfleet.storage.file_uris import read_bytes, write_atomic
 from PIL import Image
 
 
@@ -443,6 +445,48 @@ def test_allowed_roots_refuse_outside_and_symlink_escapes(roots):
             write_latent(uri, latent())
         assert info.value.field == "output"
     assert sorted(p.name for p in outside.iterdir()) == ["secret.latent"]
+
+
+def test_a_symlink_swapped_in_after_the_check_is_not_followed(roots):
+    """The window between confine()'s check and the open: whoever can write under a root
+    replaces a checked directory (or the file itself) by a symlink to outside. The open
+    walks from the root without following links, so it fails instead of escaping."""
+    inside, _, outside = roots
+    (outside / "x.latent").write_bytes(b"secret")
+    (inside / "sub").mkdir()
+    (inside / "sub" / "x.latent").write_bytes(b"inside")
+    checked = confine(inside / "sub" / "x.latent", "latent")
+    (inside / "sub" / "x.latent").unlink()
+    (inside / "sub").rmdir()
+    os.symlink(outside, inside / "sub")  # the directory swapped
+    with pytest.raises(InvalidFile, match="'sub' is now a symlink") as info:
+        read_bytes(checked, "latent", open_file=lambda: open_confined(checked, "latent"))
+    assert info.value.field == "latent"
+
+    (inside / "f.latent").write_bytes(b"inside")
+    checked = confine(inside / "f.latent", "latent")
+    (inside / "f.latent").unlink()
+    os.symlink(outside / "x.latent", inside / "f.latent")  # the file itself swapped
+    with pytest.raises(InvalidFile, match="'f.latent' is now a symlink"):
+        read_bytes(checked, "latent", open_file=lambda: open_confined(checked, "latent"))
+
+    target = confine(inside / "new" / "out.latent", "output", writing=True)
+    os.symlink(outside, inside / "new")  # a directory the write would have created
+    with pytest.raises(InvalidFile, match="'new' is now a symlink"):
+        write_atomic(target, b"x", open_dir=lambda: open_confined(target.parent, "output", directory=True, create=True))
+    assert sorted(p.name for p in outside.iterdir()) == ["x.latent"]
+
+
+def test_confined_writes_create_missing_folders_and_reads_refuse_fifos(roots):
+    inside, _, _ = roots
+    write_object((inside / "a" / "b" / "out.bin").as_uri(), b"abc")
+    assert read_object(str(inside / "a" / "b" / "out.bin"), "latent") == b"abc"
+    os.mkfifo(inside / "pipe")
+    with pytest.raises(InvalidFile, match="is not a regular file"):  # and does not hang waiting for a writer
+        read_object(str(inside / "pipe"), "mask")
+    delete_object(str(inside / "a" / "b" / "out.bin"))
+    delete_object(str(inside / "no-such-folder" / "x.bin"))  # nothing to delete is fine
+    assert not (inside / "a" / "b" / "out.bin").exists()
 
 
 def test_symlink_at_output_name_is_replaced_not_followed(roots):
