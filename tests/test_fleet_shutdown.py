@@ -26,10 +26,33 @@ def start_launcher(url: str, models: Path, log: Path, lease_seconds: int = 30) -
                             env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop(proc: subprocess.Popen) -> None:
+def worker_pids(launcher: subprocess.Popen) -> list[int]:
+    """The launcher's Celery workers: its children (each leads its own session, pool included)."""
+    try:
+        text = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(pid) for pid in text.split()]
+
+
+def wait_logged(log: Path, text: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        assert time.monotonic() < end and proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen, workers: list[int]) -> None:
+    """End a launcher and every worker it started; the workers lead their own sessions, so
+    killing the launcher's group would leave them running (and consuming the next test's DB)."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    for pid in workers:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def long_job(tmp_path: Path, name: str) -> dict:
@@ -50,15 +73,17 @@ def test_sigterm_finishes_the_running_job_then_exits(tmp_path):
     log = tmp_path / "worker.log"
     job = long_job(tmp_path, "warm")
     proc = start_launcher(url, make_models_dir(tmp_path), log)
+    workers: list[int] = []
     try:
         handle = submit(job, broker_url=url)
         wait_running(handle, proc, log)
+        workers = worker_pids(proc)
         proc.send_signal(signal.SIGTERM)
         assert handle.wait(120)["output"] == job["output"]
         assert proc.wait(60) == 0
         assert Path(job["output"][len("file://"):]).is_file()
     finally:
-        stop(proc)
+        stop(proc, workers)
         flush(url)
 
 
@@ -69,12 +94,13 @@ def test_second_sigterm_stops_at_once_and_the_job_runs_on_the_next_worker(tmp_pa
     job = long_job(tmp_path, "cold")
     output = Path(job["output"][len("file://"):])
     first = start_launcher(url, models, log, lease_seconds=5)
-    second = None
+    second, workers = None, []
     try:
         handle = submit(job, broker_url=url)
         wait_running(handle, first, log)
+        workers += worker_pids(first)
         first.send_signal(signal.SIGTERM)
-        time.sleep(0.2)  # two separate signals, as an operator's second Ctrl-C or a supervisor's escalation
+        wait_logged(log, "Warm shutdown", first)  # the first one reached the worker; now an operator's second
         first.send_signal(signal.SIGTERM)
         stopped_at = time.monotonic()
         first.wait(30)
@@ -82,10 +108,11 @@ def test_second_sigterm_stops_at_once_and_the_job_runs_on_the_next_worker(tmp_pa
         assert handle.status()["state"] != "SUCCESS" and not output.exists()  # stopped mid-job, nothing written
         second = start_launcher(url, models, log, lease_seconds=5)
         result = handle.wait(120)
+        workers += worker_pids(second)
         assert result["output"] == job["output"] and output.is_file()
         print(f"\ncold shutdown: worker gone {gone_in:.1f} s after the second SIGTERM; the job succeeded on the next worker")
     finally:
-        stop(first)
+        stop(first, workers)
         if second is not None:
-            stop(second)
+            stop(second, workers)
         flush(url)
