@@ -263,6 +263,8 @@ def test_redis_holds_no_secret(fleet, runs):
     keys = list(conn.scan_iter(count=1000))
     for key in keys:
         kind = conn.type(key).decode()
+        if kind == "none":  # gone between SCAN and TYPE (kombu's unacked_mutex lives a moment)
+            continue
         if kind == "string":
             values = [conn.get(key)]
         elif kind == "hash":
