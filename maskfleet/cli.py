@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .job import JobError, field_help, job_schema, parse_job
+from .job import MAX_JOB_BYTES, JobError, field_help, job_schema, parse_job
 
 EXIT_INVALID = 2
 
@@ -25,11 +25,17 @@ def _progress_printer(stream):
 
 
 def _read_job(path: str):
-    """The job file at `path`, validated; JobError names the field (or the file) on failure."""
+    """The job file at `path`, validated; JobError names the field (or the file) on failure.
+
+    Read like every input: a regular file (not /dev/zero or a FIFO) of at most MAX_JOB_BYTES.
+    """
+    from .storage.errors import InvalidFile
+    from .storage.file_uris import read_bytes
+
     try:
-        text = Path(path).read_bytes()
-    except OSError as e:
-        raise JobError(f"job: cannot read {path}: {e.strerror}") from None
+        text = read_bytes(Path(path), "job", MAX_JOB_BYTES)
+    except InvalidFile as e:
+        raise JobError(str(e)) from None
     return parse_job(text)
 
 

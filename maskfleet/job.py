@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from .sampling import MODES, SAMPLERS, SCHEDULERS
 from .sampling.coherent_loop import coherent_refusal
+from .sampling.errors import InvalidInput
+from .sampling.two_sampler_loop import MAX_STEPS, check_schedule_length
 
 SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
@@ -20,6 +22,7 @@ Mode = Literal[tuple(MODES)]  # type: ignore[valid-type]
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+MAX_JOB_BYTES = 1 << 20  # a job document as JSON text; real ones are a few KB
 
 
 class PromptText(BaseModel):
@@ -90,8 +93,8 @@ class Job(BaseModel):
 
     job_id: str | None = Field(None, pattern=JOB_ID_PATTERN, description="Client-chosen idempotency key.")
     seed: int = Field(0, ge=0, le=2**64 - 1, description="Noise seed; the same job and seed give the same latent.")
-    steps: int = Field(20, ge=1, le=10000, description="Steps the job runs.")
-    denoise: float = Field(1.0, gt=0.0, le=1.0, description="Fraction of the schedule to run: the schedule has int(steps / denoise) steps and the job runs its last `steps`.")
+    steps: int = Field(20, ge=1, le=MAX_STEPS, description="Steps the job runs.")
+    denoise: float = Field(1.0, gt=0.0, le=1.0, description=f"Fraction of the schedule to run: the schedule has int(steps / denoise) steps (at most {MAX_STEPS}) and the job runs its last `steps`.")
     overlap_factor: int = Field(10, ge=0, le=10000, description="Box size (latent pixels) by which the mask sampler's region grows past the mask.")
     crop_margin: int | None = Field(None, ge=0, le=10000, description="Opt-in speed-up, off when left out: the mask sampler runs on its grown region's bounding box plus this many latent pixels of context on each side (sides rounded up to fixed sizes), not the whole latent. Faster for small masks; the result differs slightly from full frame (the model sees less context; ancestral/SDE mask samplers draw other noise).")
     latent: str = Field(min_length=1, description="URI of the input latent: ComfyUI .latent or safetensors with one [B, C, H, W] tensor.")
@@ -103,6 +106,15 @@ class Job(BaseModel):
     mode: Mode = Field("comfy", description="Sampling mode: 'comfy' reproduces the original node in ComfyUI; 'coherent' keeps each sampler's state, one sigma schedule and one noise stream across the interleaved steps and blends the two results across the overlap band, so every sampler it accepts gives a clean result (both samplers must use the same scheduler; refused: crop_margin, lcm, and dpmpp_2m_sde/dpmpp_3m_sde on the normal and ddim_uniform schedules).")
     callback: Callback | None = Field(None, description="Fleet only: webhook for the job's status events; `maskfleet run` ignores it.")
     time_limit: int | None = Field(None, ge=1, le=86400, description="Fleet only: hard time limit in seconds (soft limit a little below), at most the workers' MASKFLEET_MAX_JOB_SECONDS; `maskfleet run` ignores it.")
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> "Job":
+        """The schedule `int(steps / denoise)` within MAX_STEPS: a tiny denoise asks for billions of sigmas."""
+        try:
+            check_schedule_length(self.steps, self.denoise)
+        except InvalidInput as e:
+            raise FieldRefused(e.field, e.reason) from None
+        return self
 
     @model_validator(mode="after")
     def _mode_can_run(self) -> "Job":
@@ -146,9 +158,12 @@ def _describe(error: ValidationError) -> str:
 
 
 def parse_job(data: dict | str | bytes) -> Job:
-    """Validate a job given as a dict or as JSON text; raise JobError naming every bad field."""
+    """Validate a job given as a dict or as JSON text (at most MAX_JOB_BYTES); raise JobError naming every bad field."""
     try:
         if isinstance(data, (str, bytes)):
+            size = len(data.encode() if isinstance(data, str) else data)
+            if size > MAX_JOB_BYTES:
+                raise JobError(f"job: the document is {size} bytes, over the {MAX_JOB_BYTES}-byte cap")
             return Job.model_validate_json(data)
         return Job.model_validate(data)
     except ValidationError as e:

@@ -30,10 +30,25 @@ StopHook = Callable[[], bool]
 
 MODES = ("comfy", "coherent")
 MAX_SEED = 2**64 - 1
+MAX_STEPS = 10000  # the most steps a job runs, and the longest schedule `int(steps / denoise)` may ask for
+
+
+def check_schedule_length(steps: int, denoise: float) -> None:
+    """Refuse a `denoise` whose schedule, `int(steps / denoise)` steps, would exceed MAX_STEPS.
+
+    A tiny denoise would otherwise ask for a schedule of a billion sigmas (memory) or an
+    infinite one (1 / 5e-324 is inf); compared as floats, so no int() of an overflow.
+    """
+    length = steps / denoise
+    if not length < MAX_STEPS + 1:
+        raise InvalidInput(
+            "denoise", f"with steps {steps}, the schedule would have int(steps / denoise) = {length:.6g} steps, "
+            f"over the maximum of {MAX_STEPS}; use denoise >= {steps / MAX_STEPS:g}")
 
 
 def plan_steps(steps: int, denoise: float) -> tuple[int, int]:
     """(adv_steps, start): the schedule length and the first step the job runs."""
+    check_schedule_length(steps, denoise)
     adv_steps = int(steps / denoise)
     return adv_steps, adv_steps - steps
 
@@ -45,10 +60,11 @@ def _validate(latent, seed, steps, denoise, overlap_factor, mode, base, mask_sam
         raise InvalidInput("latent", "must be floating point with finite values")
     if not 0 <= seed <= MAX_SEED:
         raise InvalidInput("seed", f"must be in 0..{MAX_SEED}")
-    if not 1 <= steps <= 10000:
-        raise InvalidInput("steps", "must be in 1..10000")
+    if not 1 <= steps <= MAX_STEPS:
+        raise InvalidInput("steps", f"must be in 1..{MAX_STEPS}")
     if not 0 < denoise <= 1:
         raise InvalidInput("denoise", "must satisfy 0 < denoise <= 1")
+    check_schedule_length(steps, denoise)
     if not 0 <= overlap_factor <= 10000:
         raise InvalidInput("overlap_factor", "must be in 0..10000")
     if mode not in MODES:

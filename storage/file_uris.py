@@ -16,6 +16,8 @@ from urllib.parse import unquote, urlsplit
 from .errors import InvalidFile
 
 DEFAULT_MAX_INPUT_BYTES = 1 << 30
+NAME_MAX = 255  # bytes in one path component on Linux filesystems (ext4, XFS, tmpfs, overlayfs)
+_TEMP_TAIL = 1 + 16 + 4  # ".<16 hex digits>.tmp" after the name in a temporary file's name
 
 
 def local_path(uri: str, field: str) -> Path:
@@ -53,7 +55,27 @@ def local_path(uri: str, field: str) -> Path:
         path = uri
     if "\0" in path:
         raise InvalidFile(field, "path contains a NUL character")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        raise InvalidFile(field, "path is not valid Unicode (it holds a lone surrogate)") from None
+    for part in Path(path).parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise InvalidFile(
+                field, f"path component {part[:40]!r}... is {len(os.fsencode(part))} bytes; "
+                f"file and folder names hold at most {NAME_MAX}")
     return Path(path).absolute()
+
+
+def temp_name(name: str) -> str:
+    """A fresh hidden name beside ``name`` for an atomic write, within NAME_MAX bytes.
+
+    ``.<name>.<random>.tmp``, with ``name`` cut short when it is long: an output may use
+    all 255 bytes of its own name without its temporary file going over.
+    """
+    room = NAME_MAX - 1 - _TEMP_TAIL
+    stem = os.fsencode(name)[:room].decode(errors="ignore") if len(os.fsencode(name)) > room else name
+    return f".{stem}.{secrets.token_hex(8)}.tmp"
 
 
 def write_atomic(path: Path, data: bytes, xattrs: Mapping[str, bytes] | None = None,
@@ -74,7 +96,7 @@ def write_atomic(path: Path, data: bytes, xattrs: Mapping[str, bytes] | None = N
     else:
         dir_fd = open_dir()
     try:
-        tmp = f".{path.name}.{secrets.token_hex(8)}.tmp"
+        tmp = temp_name(path.name)
         # O_EXCL with mode 0o666 so the final file gets the usual umask permissions.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
         try:

@@ -6,6 +6,7 @@ with the mask sampler".
 """
 
 import io
+import struct
 
 import numpy as np
 import torch
@@ -15,15 +16,24 @@ from .errors import InvalidFile
 from .file_uris import DEFAULT_MAX_INPUT_BYTES
 from .objects import Uri, object_name, read_object
 from .safetensors_files import (
-    is_safetensors, load_safetensors, pick_tensor, reject_pickle_suffix, require_finite,
-    to_float32)
+    declared_elements, declared_shapes, is_safetensors, load_safetensors, pick_tensor,
+    reject_pickle_suffix, require_finite, to_float32)
 
 MAX_MASK_PIXELS = 64 * 1024 * 1024
+# A mask file's byte cap: float32 values at the pixel cap, plus room for a header. A bigger
+# file cannot be a mask we take and is refused by its size, before it is read.
+MAX_MASK_BYTES = min(DEFAULT_MAX_INPUT_BYTES, MAX_MASK_PIXELS * 4 + (1 << 20))
+# The image formats a mask may be: what image editors and ComfyUI write. Pillow's other
+# plugins (EPS runs Ghostscript, and a dozen rare formats) never see a job's bytes.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+# What Pillow raises on a file it recognised but cannot decode (truncated data, bad
+# chunks, a zTXt chunk that inflates past its limit, broken TIFF tags): never a traceback.
+IMAGE_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError, ZeroDivisionError)
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 
 
 def read_mask(uri: Uri, field: str = "mask", *,
-              max_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+              max_bytes: int = MAX_MASK_BYTES,
               max_pixels: int = MAX_MASK_PIXELS) -> torch.Tensor:
     """Read the mask at ``uri`` (at most ``max_bytes``), see ``decode_mask``."""
     name = object_name(uri, field)
@@ -45,9 +55,14 @@ def decode_mask(data: bytes, field: str, name: str, *,
     """
     reject_pickle_suffix(name, field)
     if is_safetensors(data):
+        for tensor_name, shape in declared_shapes(data, field).items():
+            if declared_elements(shape) > max_pixels:
+                raise InvalidFile(
+                    field, f"tensor {tensor_name!r} has shape {shape}, "
+                    f"{declared_elements(shape)} values, over the {max_pixels}-pixel cap")
         return _tensor_to_mask(pick_tensor(load_safetensors(data, field), field), field)
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             if image.width * image.height > max_pixels:
                 raise InvalidFile(
                     field, f"image is {image.width}x{image.height} pixels, over the "
@@ -57,16 +72,15 @@ def decode_mask(data: bytes, field: str, name: str, *,
         raise InvalidFile(field, f"image too large: {e}") from None
     except UnidentifiedImageError:
         raise InvalidFile(
-            field, "neither an image Pillow can open (PNG, JPEG, WebP...) nor a "
-            "safetensors file") from None
-    except OSError as e:
-        raise InvalidFile(field, f"cannot decode image: {e}") from None
+            field, f"neither an image ({', '.join(IMAGE_FORMATS)}) nor a safetensors file") from None
+    except IMAGE_DECODE_ERRORS as e:
+        raise InvalidFile(field, f"cannot decode image: {e or type(e).__name__}") from None
 
 
 def image_to_mask(image: Image.Image) -> torch.Tensor:
     """Convert a Pillow image to a float32 [H, W] mask, as ComfyUI's LoadImageMask does.
 
-    EXIF orientation is applied first. If the image has transparency (an alpha band or
+    EXIF orientation is applied first (an EXIF block that cannot be parsed is ignored). If the image has transparency (an alpha band or
     a tRNS transparent colour), mask = 1 - alpha/255, so transparent pixels are masked:
     this is LoadImageMask with its default channel "alpha". Otherwise the red channel
     (the gray value for grayscale) / 255 is used as is, like channel "red"; 16-bit
@@ -74,7 +88,10 @@ def image_to_mask(image: Image.Image) -> torch.Tensor:
     "alpha" gives an all-zero mask for an image without alpha; we use red instead,
     because a black-and-white mask image is what users mean.
     """
-    image = ImageOps.exif_transpose(image)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except IMAGE_DECODE_ERRORS:
+        pass  # a broken EXIF block: the pixels as stored, as if it had none
     if "A" in image.getbands() or "transparency" in image.info:
         alpha = np.asarray(image.convert("RGBA").getchannel("A"), dtype=np.float32)
         return torch.from_numpy(1.0 - alpha / 255.0)

@@ -111,7 +111,7 @@ def parse_s3_uri(uri: str, field: str) -> tuple[str, str]:
     '.' and '-', starting and ending with a letter or digit, no '..', not an IP
     address). The key is everything after the first '/' after the bucket, taken
     literally (no percent-decoding, '?' and '#' are part of it); it must be non-empty,
-    at most 1024 bytes in UTF-8 and must not end with '/' (that names a prefix).
+    valid Unicode, at most 1024 bytes in UTF-8 and must not end with '/' (that names a prefix).
     """
     if not uri[:5].lower() == "s3://":
         raise InvalidFile(field, f"{uri!r} is not an s3:// URI")
@@ -126,7 +126,11 @@ def parse_s3_uri(uri: str, field: str) -> tuple[str, str]:
         raise InvalidFile(field, f"{uri!r} names no object key; expected s3://bucket/key")
     if key.endswith("/"):
         raise InvalidFile(field, f"{uri!r} ends with '/', which names a prefix, not an object")
-    if len(key.encode("utf-8", "surrogatepass")) > 1024:
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidFile(field, f"{uri!r}: object key is not valid Unicode (it holds a lone surrogate)") from None
+    if len(key.encode("utf-8")) > 1024:
         raise InvalidFile(field, f"{uri!r}: object key is over S3's 1024-byte limit")
     if "\0" in key:
         raise InvalidFile(field, f"{uri!r}: object key contains a NUL character")

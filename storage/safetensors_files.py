@@ -6,6 +6,8 @@ suffixes outright with a reason the user can act on, and share the dtype, emptin
 finiteness checks so the latent, mask and conditioning readers fail the same way.
 """
 
+import json
+import math
 from pathlib import PurePosixPath
 
 import safetensors
@@ -33,6 +35,28 @@ def is_safetensors(data: bytes) -> bool:
         return False
     header_len = int.from_bytes(data[:8], "little")
     return 2 <= header_len <= len(data) - 8 and data[8:9] == b"{"
+
+
+def declared_shapes(data: bytes, field: str) -> dict[str, list[int]]:
+    """The tensor shapes the safetensors header declares, read before any tensor is decoded.
+
+    Lets a reader refuse a tensor by its size (a 9000 x 9000 mask) without building it;
+    the header is only trusted this far, `load_safetensors` checks it against the data.
+    """
+    if not is_safetensors(data):
+        raise InvalidFile(field, "not a safetensors file")
+    end = 8 + int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8:end])
+        shapes = {name: [int(n) for n in entry["shape"]] for name, entry in header.items() if name != "__metadata__"}
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        raise InvalidFile(field, "unreadable safetensors file: malformed header") from None
+    return shapes
+
+
+def declared_elements(shape: list[int]) -> int:
+    """How many values a declared shape holds (0 for an empty or negative dimension)."""
+    return math.prod(max(0, n) for n in shape)
 
 
 def load_safetensors(data: bytes, field: str) -> dict[str, torch.Tensor]:

@@ -21,7 +21,8 @@ seconds, so:
   live workers sweeping at once restore a message once.
 
 A pool child killed alone (OOM killer, segfault) is handled by Celery itself:
-``task_reject_on_worker_lost`` puts the job back at once. On a broker outage the
+``task_reject_on_worker_lost`` puts the job back at once, at the head of its queue
+(front_requeue.py). On a broker outage the
 running job is cancelled (``worker_cancel_long_running_tasks_on_connection_loss``), its
 request is dropped here, and once Redis is back the lease runs out and it is redelivered.
 

@@ -155,7 +155,7 @@ class OutputWriteFailed(Exception):
         self.error = error
 
 
-@app.task(bind=True, name=TASK_NAME, Request="maskfleet.tasks.queued_cancel:SampleRequest")
+@app.task(bind=True, name=TASK_NAME, Request="maskfleet.tasks.sample_request:SampleRequest")
 def sample(self: Any, job_data: dict) -> dict:
     try:
         return run_task(self, job_data)

@@ -19,7 +19,7 @@ Hooked to the task's lifecycle rather than woven into it:
 - cancelled: ``task_postrun`` with state IGNORED: the task raises Ignore only when it is
   cancelled (cancellation.end_cancelled). A job cancelled while still queued never
   reaches a pool process: the worker's main process drops it, and the task's Request
-  class (queued_cancel.py) calls :func:`announce_dropped`, which sends ``cancelled``
+  class (sample_request.py) calls :func:`announce_dropped`, which sends ``cancelled``
   with ``"queued": true`` (and no ``started`` before it).
 
 The sender is one :class:`WebhookSender` per process, made on the first job with a
@@ -124,7 +124,7 @@ def _on_failure(sender: Any = None, task_id: str | None = None, exception: BaseE
 
 def announce_dropped(task_id: str, args: Any) -> None:
     """`cancelled` for a job the worker dropped without running it (revoked while queued;
-    queued_cancel.SampleRequest), when its callback validates and the policy allows it."""
+    sample_request.SampleRequest), when its callback validates and the policy allows it."""
     _final_event(task_id, args, "cancelled", {"queued": True})
 
 

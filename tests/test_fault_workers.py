@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -163,6 +164,39 @@ def test_killed_pool_child_job_is_requeued_at_once_and_done_once(fleet, long_job
     assert victim.proc.poll() is None and wait_for(lambda: pool_child(victim) != old_child, 30, "new child")
     assert requeued_in < 30, requeued_in  # task_reject_on_worker_lost: no lease to wait for
     print(f"\nchild SIGKILL: job running again {requeued_in:.1f} s after the kill")
+
+
+def received_order(worker: Worker) -> list[str]:
+    """The task ids this worker took from the queue, in the order it took them."""
+    return re.findall(r"maskfleet\.sample\[([^\]]+)\] received", worker.log.read_text())
+
+
+def test_killed_pool_child_job_goes_back_to_the_front_of_the_queue(fleet, long_job_sha256):
+    """With jobs queued behind it, a job whose process died runs again first, within seconds.
+
+    kombu's Redis transport requeues a rejected message at the tail (LPUSH; workers BRPOP
+    from the other end): the job would wait behind every job submitted after it.
+    """
+    (worker,) = fleet["start"]("front")
+    job = make_job(fleet, "front", steps=LONG_STEPS)
+    handle = submit(job, broker_url=fleet["url"])
+    running_on(fleet, job["job_id"], [worker])
+    behind = [make_job(fleet, f"behind{n}") for n in range(6)]
+    handles = [submit(b, broker_url=fleet["url"]) for b in behind]
+    broker = redis.Redis.from_url(fleet["url"])
+    wait_for(lambda: broker.llen(model_queue("tiny")) == len(behind), 30, "the jobs behind queued")
+    killed_at = time.monotonic()
+    os.kill(pool_child(worker), signal.SIGKILL)
+    running_on(fleet, job["job_id"], [worker], after=1)
+    requeued_in = time.monotonic() - killed_at
+    check_done_once(fleet, handle, job, long_job_sha256, deliveries=2)
+    for h in handles:
+        h.wait(180)
+    order = received_order(worker)
+    assert order[:2] == [job["job_id"], job["job_id"]], order  # taken again before any job behind it
+    assert sorted(order[2:]) == sorted(b["job_id"] for b in behind), order
+    assert requeued_in < 30, requeued_in
+    print(f"\nchild SIGKILL with {len(behind)} jobs queued behind: running again {requeued_in:.1f} s after the kill, first in line")
 
 
 def test_killed_worker_job_is_recovered_within_a_minute_by_another_worker(fleet, long_job_sha256):

@@ -1,5 +1,9 @@
-"""A job cancelled while still queued gets its `cancelled` webhook too.
+"""The task's own Request class: what the worker's main process does with a job's message.
 
+Two things Celery's Request does not: a job cancelled while still queued gets its
+`cancelled` webhook, and a job handed back to the broker goes to the front of its queue.
+
+Cancelled while queued:
 `maskfleet cancel` revokes the task id, and the worker that receives the message drops
 it without running it: Celery's `Request.revoked()`, in the worker's main process, stores
 REVOKED and acks. No task code runs then and no task signal carries the job document,
@@ -15,13 +19,15 @@ import logging
 
 from celery.worker.request import Request
 
+from .front_requeue import requeue_at_front
 from .status_events import announce_dropped
 
 log = logging.getLogger(__name__)
 
 
 class SampleRequest(Request):
-    """Celery's request, plus the `cancelled` webhook when the job is dropped as revoked."""
+    """Celery's request, plus the `cancelled` webhook when the job is dropped as revoked, and
+    requeues at the head of the queue (front_requeue.py)."""
 
     _drop_announced = False
 
@@ -34,3 +40,16 @@ class SampleRequest(Request):
             except Exception:  # never let a webhook problem break the consumer that drops the message
                 log.exception("no cancelled webhook for dropped job %s", self.id)
         return dropped
+
+    def reject(self, requeue: bool = False) -> None:
+        if not requeue or self.acknowledged:
+            return super().reject(requeue)
+        try:
+            at_front = requeue_at_front(self.message)
+        except self._connection_errors as e:  # as Celery's own reject: logged; the lease brings it back
+            log.critical("could not hand job %s back to the queue: %r", self.id, e)
+            at_front = True
+        if not at_front:
+            return super().reject(requeue)
+        self.acknowledged = True
+        self.send_event("task-rejected", requeue=True)
