@@ -6,6 +6,7 @@ help lists its fields, and validation errors name the offending field.
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal, Union
 from urllib.parse import urlsplit
 
@@ -23,6 +24,7 @@ Mode = Literal[tuple(MODES)]  # type: ignore[valid-type]
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 MAX_JOB_BYTES = 1 << 20  # a job document as JSON text; real ones are a few KB
+MAX_SHOWN_NAME = 64  # an unknown field's name is cut to this in an error message
 
 
 class PromptText(BaseModel):
@@ -152,18 +154,30 @@ def _describe(error: ValidationError) -> str:
         if not loc and isinstance(refused, FieldRefused):
             lines.append(str(refused))  # already "<field>: <reason>"
             continue
-        where = ".".join(loc) or "job"
+        where = ".".join(p if len(p) <= MAX_SHOWN_NAME else p[:MAX_SHOWN_NAME] + "..." for p in loc) or "job"
         lines.append(f"{where}: {e['msg']}")
     return "; ".join(lines)
 
 
+def _document_bytes(data: dict | str | bytes) -> int:
+    """The size of a job document as JSON text (a dict, as a message carries it, measured as JSON)."""
+    if isinstance(data, bytes):
+        return len(data)
+    if isinstance(data, str):
+        return len(data.encode("utf-8", "surrogatepass"))
+    try:
+        return len(json.dumps(data, default=str, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    except (TypeError, ValueError, RecursionError):
+        return 0  # not JSON-shaped (a cycle, odd keys): pydantic says what is wrong with it
+
+
 def parse_job(data: dict | str | bytes) -> Job:
     """Validate a job given as a dict or as JSON text (at most MAX_JOB_BYTES); raise JobError naming every bad field."""
+    size = _document_bytes(data)
+    if size > MAX_JOB_BYTES:
+        raise JobError(f"job: the document is {size} bytes, over the {MAX_JOB_BYTES}-byte cap")
     try:
         if isinstance(data, (str, bytes)):
-            size = len(data.encode() if isinstance(data, str) else data)
-            if size > MAX_JOB_BYTES:
-                raise JobError(f"job: the document is {size} bytes, over the {MAX_JOB_BYTES}-byte cap")
             return Job.model_validate_json(data)
         return Job.model_validate(data)
     except ValidationError as e:

@@ -32,7 +32,7 @@ from .sampling.unet_denoiser import UNetDenoiser, load_unet_denoiser, unet_input
 from .storage.allowed_roots import confine
 from .storage.conditioning_files import read_conditioning
 from .storage.errors import InvalidFile
-from .storage.file_uris import local_path
+from .storage.file_uris import local_path, resolve_path
 from .storage.latent_files import encode_latent, read_latent
 from .storage.mask_files import read_mask
 from .storage.model_store import ModelStore
@@ -67,9 +67,9 @@ def resolve_device(device: str) -> torch.device:
         raise InvalidInput("device", f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
 
 
-def _same_object_key(uri: str) -> str:
+def _same_object_key(uri: str, field: str) -> str:
     """A key under which two URIs naming the same object compare equal."""
-    return uri if is_s3_uri(uri) else str(local_path(uri, "uri").resolve())
+    return uri if is_s3_uri(uri) else str(resolve_path(local_path(uri, field), field))
 
 
 def check_job_uris(job: Job) -> None:
@@ -85,11 +85,11 @@ def check_job_uris(job: Job) -> None:
         raise InvalidInput("output", f"suffix must be one of {', '.join(OUTPUT_SUFFIXES)}, got {suffix or 'none'!r}")
     if job.preview and Path(object_name(job.preview, "preview")).suffix.lower() != ".png":
         raise InvalidInput("preview", "must name a .png object")
-    taken = {_same_object_key(uri) for uri in inputs.values()}
+    taken = {_same_object_key(uri, field) for field, uri in inputs.items()}
     for field, uri in outputs.items():
-        if _same_object_key(uri) in taken:
+        if _same_object_key(uri, field) in taken:
             raise InvalidInput(field, "would overwrite one of the job's inputs")
-    if job.preview and _same_object_key(job.preview) == _same_object_key(job.output):
+    if job.preview and _same_object_key(job.preview, "preview") == _same_object_key(job.output, "output"):
         raise InvalidInput("preview", "must differ from output")
     for field, uri in outputs.items():  # a write outside MASKFLEET_ALLOWED_ROOTS fails now, not after sampling
         if not is_s3_uri(uri):

@@ -19,6 +19,7 @@ import stat
 from pathlib import Path
 
 from .errors import InvalidFile
+from .file_uris import resolve_path
 
 ROOTS_ENV = "MASKFLEET_ALLOWED_ROOTS"
 
@@ -49,7 +50,7 @@ def confine(path: Path, field: str, writing: bool = False) -> Path:
     roots = allowed_roots()
     if roots is None:
         return path
-    real = path.parent.resolve() / path.name if writing else path.resolve()
+    real = resolve_path(path.parent, field) / path.name if writing else resolve_path(path, field)
     if not roots:
         raise InvalidFile(
             field, f"{path}: local files are not allowed on this worker ({ROOTS_ENV} is "

@@ -30,7 +30,10 @@ def local_path(uri: str, field: str) -> Path:
     """
     if not uri:
         raise InvalidFile(field, "empty path")
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError as e:  # "file://[" : an unclosed IPv6 host
+        raise InvalidFile(field, f"{uri!r} is not a valid URI: {e}") from None
     scheme = parts.scheme.lower()
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
@@ -65,6 +68,16 @@ def local_path(uri: str, field: str) -> Path:
                 field, f"path component {part[:40]!r}... is {len(os.fsencode(part))} bytes; "
                 f"file and folder names hold at most {NAME_MAX}")
     return Path(path).absolute()
+
+
+def resolve_path(path: Path, field: str) -> Path:
+    """``path.resolve()``, with a symlink loop (RuntimeError) or an OS refusal as InvalidFile naming ``field``."""
+    try:
+        return path.resolve()
+    except RuntimeError:
+        raise InvalidFile(field, f"{path}: symlink loop") from None
+    except OSError as e:
+        raise InvalidFile(field, f"cannot resolve {path}: {e.strerror or e}") from None
 
 
 def temp_name(name: str) -> str:

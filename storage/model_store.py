@@ -35,6 +35,7 @@ import time
 from pathlib import Path, PurePosixPath
 
 from .errors import InvalidFile, StorageUnavailable
+from .file_uris import resolve_path
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MODELS_ENV = "MASKFLEET_MODELS"
@@ -80,10 +81,10 @@ def resolve_model_dir(models_root: Path, name: str, field: str = "model") -> Pat
     ``config.json`` (a pipeline or single model) or ``unet/config.json``.
     """
     check_model_name(name, field)
-    root = models_root.resolve()
+    root = resolve_path(models_root, field)
     if not root.is_dir():
         raise InvalidFile(field, f"model directory {models_root} does not exist")
-    model_dir = (root / name).resolve()
+    model_dir = resolve_path(root / name, field)
     if not model_dir.is_relative_to(root) or model_dir == root:
         raise InvalidFile(field, f"model {name!r} resolves outside the model directory {root}")
     if not model_dir.is_dir():

@@ -28,3 +28,17 @@ def s3_server(tmp_path_factory):
         env.undo()
         reset_s3_client()
         server.stop()
+
+
+# Property-based tests (tests/test_fuzz_*.py): a small budget in the normal suite, a long run
+# on demand with `pytest tests/test_fuzz_inputs.py --hypothesis-profile=fuzz`. Deadlines are
+# generous (a loaded 2-core machine); the memory bound is enforced by fuzz_limits.py.
+from datetime import timedelta  # noqa: E402
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("suite", max_examples=150, deadline=timedelta(seconds=10),
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("fuzz", max_examples=20000, deadline=timedelta(seconds=30),
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("suite")  # --hypothesis-profile overrides it

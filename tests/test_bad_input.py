@@ -23,10 +23,14 @@ MASKFLEET_MAX_JOB_SECONDS; the S3 cases use the session's moto server over HTTP.
 """
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import pickle
+import struct
 import time
+import zlib
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -42,11 +46,12 @@ from fleet_workers import Worker, claim_db_url, flush, require_redis
 from golden_jobs import make_models_dir
 from maskfleet.cli import main
 from maskfleet.client import JobFailed, JobHandle, _app, submit
-from maskfleet.job import JobError
+from maskfleet.job import MAX_JOB_BYTES, JobError
 from maskfleet.sampling import AdvancedSampler
 from maskfleet.sampling.comfy_call import JobRandomness, RegionMask, ScheduleCache, advanced_call
 from maskfleet.sampling.unet_denoiser import load_unet_denoiser
 from maskfleet.storage.file_uris import DEFAULT_MAX_INPUT_BYTES
+from maskfleet.storage.mask_files import decode_mask
 from maskfleet.tasks.redis_keys import submitted_key
 from maskfleet.tasks.settings import TASK_NAME, model_queue
 
@@ -127,7 +132,8 @@ class Case:
     name: str
     field: str | None  # what the error message starts with, before ":"; None for a valid job
     where: str  # "client", "worker" or "valid"
-    make: Callable[[Inputs], dict | str]  # called once per path (CLI, client): a dict, or raw JSON text
+    make: Callable[[Inputs], dict | str | Path]  # called once per path: a dict, raw JSON text, or a job file as is
+    fleet_only: bool = False  # a fleet setting refuses it (callback policy, MASKFLEET_MAX_JOB_SECONDS): `maskfleet run` ignores it
 
 
 def change(**changes) -> Callable[[Inputs], dict]:
@@ -213,6 +219,62 @@ def _callback(url: str) -> Callable[[Inputs], dict]:
     return change(callback={"url": url})
 
 
+def _job_file_to_dev_zero(i: Inputs) -> Path:
+    link = i.root / "jobs" / "zero.json"
+    link.parent.mkdir(exist_ok=True)
+    if not link.is_symlink():
+        link.symlink_to("/dev/zero")
+    return link
+
+
+def _padded_over_a_mebibyte(i: Inputs) -> str:
+    return json.dumps(i.job()) + " " * MAX_JOB_BYTES  # valid JSON, valid job: only its size is refused
+
+
+def _png(width: int, height: int, *chunks: tuple[bytes, bytes]) -> bytes:
+    """A gray PNG (a filled rectangle) with extra chunks (type, data) before its pixels."""
+    buf = io.BytesIO()
+    image = Image.new("L", (width, height), 0)
+    image.paste(255, (width // 4, height // 4, width // 2, height // 2))
+    image.save(buf, "PNG")
+    data = buf.getvalue()
+    extra = b"".join(struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d)) for t, d in chunks)
+    ihdr_end = 8 + 8 + 13 + 4
+    return data[:ihdr_end] + extra + data[ihdr_end:]
+
+
+def _ztxt_bomb(i: Inputs) -> dict:
+    """A zTXt chunk of about 200 KB that inflates to 200 MB of text."""
+    squeeze, parts = zlib.compressobj(9), []
+    block = b"\0" * (1 << 20)
+    for _ in range(200):
+        parts.append(squeeze.compress(block))
+    parts.append(squeeze.flush())
+    return i.job({"mask": i.raw_file("ztxt-bomb.png", _png(64, 64, (b"zTXt", b"comment\0\0" + b"".join(parts))))})
+
+
+def _sparse_safetensors(i: Inputs, name: str, dtype: str, shape: list[int], itemsize: int) -> str:
+    """A safetensors file of zeros with that header, sparse: no disk for the data."""
+    path = i.inp / name
+    if not path.exists():
+        nbytes = itemsize * math.prod(shape)
+        header = json.dumps({"mask": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}}).encode()
+        header += b" " * (-len(header) % 8)
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header)
+            f.truncate(8 + len(header) + nbytes)
+    return path.as_uri()
+
+
+def _huge_mask(dtype: str, itemsize: int) -> Callable[[Inputs], dict]:
+    return lambda i: i.job({"mask": _sparse_safetensors(i, f"mask-9000-{dtype}.safetensors", dtype, [1, 9000, 9000], itemsize)})
+
+
+def _name_of(length: int) -> Callable[[Inputs], dict]:
+    """An output whose file name is `length` bytes long."""
+    return lambda i: i.job({"output": (i.out / ("n" * (length - len(".latent")) + ".latent")).as_uri()})
+
+
 FULL, EMPTY = torch.ones(1, 64, 64), torch.zeros(1, 64, 64)
 
 CASES = [
@@ -234,6 +296,12 @@ CASES = [
     Case("steps above the maximum", "steps", "client", change(steps=10001)),
     Case("denoise 0", "denoise", "client", change(denoise=0)),
     Case("denoise above 1", "denoise", "client", change(denoise=1.5)),
+    Case("denoise 1e-9 with steps 1 (a billion-step schedule)", "denoise", "client", change(steps=1, denoise=1e-9)),
+    Case("denoise 1e-300 with steps 1", "denoise", "client", change(steps=1, denoise=1e-300)),
+    Case("denoise 5e-324 with steps 1 (steps / denoise is inf)", "denoise", "client", change(steps=1, denoise=5e-324)),
+    Case("schedule of 10001 steps", "denoise", "client", change(steps=10000, denoise=0.9999)),
+    Case("job file that is a symlink to /dev/zero", "job", "client", _job_file_to_dev_zero),
+    Case("job document over 1 MiB", "job", "client", _padded_over_a_mebibyte),
     Case("negative overlap", "overlap_factor", "client", change(overlap_factor=-1)),
     Case("negative crop_margin", "crop_margin", "client", change(crop_margin=-1)),
     Case("unknown sampler", "base_sampler.sampler_name", "client", change(base_sampler__sampler_name="euler_turbo")),
@@ -252,13 +320,13 @@ CASES = [
     Case("empty latent URI", "latent", "client", change(latent="")),
     Case("prompt with an unknown key", "base_sampler.positive.weight", "client",
          change(base_sampler__positive={"prompt": "a house", "weight": 2})),
-    Case("callback to 169.254.169.254", "callback.url", "client", _callback("http://169.254.169.254/latest/meta-data/")),
-    Case("callback to localhost", "callback.url", "client", _callback("http://localhost/hook")),
-    Case("callback to an allowlisted host on another port", "callback.url", "client", _callback("http://localhost:9000/hook")),
-    Case("callback to a private host outside the allowlist", "callback.url", "client", _callback("http://10.20.30.40:8080/hook")),
+    Case("callback to 169.254.169.254", "callback.url", "client", _callback("http://169.254.169.254/latest/meta-data/"), fleet_only=True),
+    Case("callback to localhost", "callback.url", "client", _callback("http://localhost/hook"), fleet_only=True),
+    Case("callback to an allowlisted host on another port", "callback.url", "client", _callback("http://localhost:9000/hook"), fleet_only=True),
+    Case("callback to a private host outside the allowlist", "callback.url", "client", _callback("http://10.20.30.40:8080/hook"), fleet_only=True),
     Case("callback that is not http(s)", "callback.url", "client", _callback("file:///etc/passwd")),
-    Case("callback with user:password@", "callback.url", "client", _callback("https://user:secret@hooks.example.com/x")),
-    Case("time_limit above MASKFLEET_MAX_JOB_SECONDS", "time_limit", "client", change(time_limit=MAX_JOB_SECONDS + 1)),
+    Case("callback with user:password@", "callback.url", "client", _callback("https://user:secret@hooks.example.com/x"), fleet_only=True),
+    Case("time_limit above MASKFLEET_MAX_JOB_SECONDS", "time_limit", "client", change(time_limit=MAX_JOB_SECONDS + 1), fleet_only=True),
     Case("time_limit 0", "time_limit", "client", change(time_limit=0)),
     # -- only the worker can judge these: files, objects, models and tensors --
     Case("unknown model", "base_sampler.model", "worker", change(base_sampler__model="nosuchmodel")),
@@ -282,6 +350,10 @@ CASES = [
     Case("NaN in the mask", "mask", "worker", with_mask(_with_nan((1, 64, 64)))),
     Case("mask that is neither image nor safetensors", "mask", "worker",
          lambda i: i.job({"mask": i.raw_file("garbage.png", b"GIF89a? not really")})),
+    Case("PNG mask whose zTXt chunk inflates to 200 MB", "mask", "worker", _ztxt_bomb),
+    Case("safetensors mask 1 x 9000 x 9000 float32 (81 Mpx, over the byte cap)", "mask", "worker", _huge_mask("F32", 4)),
+    Case("safetensors mask 1 x 9000 x 9000 bool (81 Mpx, under the byte cap)", "mask", "worker", _huge_mask("BOOL", 1)),
+    Case("output file name of 256 bytes", "output", "worker", _name_of(256)),
     Case("overlap larger than the latent", "overlap_factor", "worker", change(overlap_factor=17)),
     Case("missing latent file", "latent", "worker", lambda i: i.job({"latent": i.uri("no-such.latent")})),
     Case("missing conditioning file", "mask_sampler.negative", "worker",
@@ -331,7 +403,9 @@ def fleet(tmp_path_factory, s3_server):
         flush(url)
 
 
-def _write_job(fleet, doc: dict | str, name: str) -> Path:
+def _write_job(fleet, doc: dict | str | Path, name: str) -> Path:
+    if isinstance(doc, Path):
+        return doc
     path = fleet["inputs"].root / "jobs" / f"{name}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
@@ -346,6 +420,26 @@ def _cli(fleet, capsys, doc: dict | str, name: str, queue: str, wait: bool) -> t
     code = main(argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def _run_cli(fleet, capsys, doc: dict | str | Path, name: str) -> tuple[int, str, str]:
+    """`maskfleet run` in this process, confined to the worker's allowed roots."""
+    inputs: Inputs = fleet["inputs"]
+    argv = ["run", str(_write_job(fleet, doc, name)), "--models", str(inputs.models), "--device", "cpu", "--quiet"]
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MASKFLEET_ALLOWED_ROOTS", str(inputs.allowed))
+        code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _run_refusal(fleet, capsys, doc, case: Case, slug: str) -> str:
+    """`maskfleet run` refuses the job: exit 2, one line naming the field; the message."""
+    code, out, err = _run_cli(fleet, capsys, doc, f"{slug}-cli")  # the file `maskfleet submit` reads next
+    assert code == 2 and out == "", (code, out, err)
+    assert err.startswith(f"maskfleet: invalid job: {case.field}:") and err.count("\n") == 1, err
+    return err.removeprefix("maskfleet: invalid job: ").rstrip("\n")
 
 
 def _files(folder: Path) -> dict[str, tuple[int, int]]:
@@ -377,12 +471,16 @@ def _run_refused(fleet, capsys, case: Case, slug: str) -> None:
     inputs: Inputs = fleet["inputs"]
     docs = {"cli": case.make(inputs), "client": case.make(inputs)}
     before_out, before_in = _files(inputs.out), _files(inputs.inp)
-    targets = {path: path.exists() for doc in docs.values() for path in _written(doc)}  # inputs, for the overwrite cases
+    targets = {path: os.path.exists(path) for doc in docs.values() for path in _written(doc)}  # inputs, for the overwrite cases
     r = fleet["redis"]
+    # `maskfleet run` first, on the document the CLI then submits: the same message both ways.
+    ran = None if case.fleet_only else _run_refusal(fleet, capsys, docs["cli"], case, slug)
     if case.where == "client":
         code, out, err = _cli(fleet, capsys, docs["cli"], f"{slug}-cli", NOWHERE, wait=False)
         assert code == 2 and out == "", (code, out, err)
         assert err.startswith(f"maskfleet: invalid job: {case.field}:"), err
+        assert ran is None or err == f"maskfleet: invalid job: {ran}\n", (err, ran)
+    if case.where == "client" and not isinstance(docs["client"], Path):  # a job file as is has no client path
         with pytest.raises(JobError) as refused:
             submit(docs["client"], broker_url=fleet["url"], queue=NOWHERE)
         assert str(refused.value).startswith(f"{case.field}:"), str(refused.value)
@@ -393,15 +491,16 @@ def _run_refused(fleet, capsys, case: Case, slug: str) -> None:
         # A foreign producer skips the client: the worker refuses the same document itself.
         sent = fleet["app"].send_task(TASK_NAME, args=[docs["client"]], task_id=f"raw-{slug}-{time.time_ns()}", queue=TINY)
         _assert_worker_refused(JobHandle(sent.id, fleet["app"]), case.field, fleet)
-    else:
+    elif case.where == "worker":
         code, out, err = _cli(fleet, capsys, docs["cli"], f"{slug}-cli", TINY, wait=True)
         assert code == 2 and out == "", (code, out, err)
         job_id = docs["cli"]["job_id"]
         assert f"maskfleet: job {job_id} FAILURE: {case.field}:" in err, err
+        assert ran is None or err.endswith(f"FAILURE: {ran}\n"), (err, ran)
         _assert_worker_refused(JobHandle(job_id, fleet["app"]), case.field, fleet)
         _assert_worker_refused(submit(docs["client"], broker_url=fleet["url"], queue=TINY), case.field, fleet)
     for path, existed in targets.items():
-        assert path.exists() == existed, f"{path} written by a refused job"
+        assert os.path.exists(path) == existed, f"{path} written by a refused job"  # False, not OSError, for a name too long
     assert _files(inputs.out) == before_out, "a refused job left a file in the output folder"
     assert _files(inputs.inp) == before_in, "a refused job changed an input"
     assert not (inputs.root / "pickle-ran").exists(), "a pickle was loaded"
@@ -414,6 +513,36 @@ def _slug(name: str) -> str:
 @pytest.mark.parametrize("case", [c for c in CASES if c.where != "valid"], ids=lambda c: _slug(c.name))
 def test_bad_input_is_refused_naming_the_field_and_writes_nothing(fleet, capsys, case):
     _run_refused(fleet, capsys, case, _slug(case.name))
+
+
+HOSTILE_BUT_VALID = {
+    # ComfyUI applies EXIF orientation when it can; a broken EXIF block is ignored, the pixels are used.
+    "PNG mask with a garbage eXIf chunk": lambda i: i.job({"mask": i.raw_file("bad-exif.png", _png(64, 64, (b"eXIf", b"garbage, not TIFF")))}),
+    # The temporary file of the atomic write must fit within the name limit the output fits in.
+    "output file name of 250 bytes": _name_of(250),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_BUT_VALID), ids=_slug)
+def test_hostile_but_valid_input_runs_through_run_and_the_fleet(fleet, capsys, name):
+    inputs: Inputs = fleet["inputs"]
+    docs = {via: HOSTILE_BUT_VALID[name](inputs) for via in ("run", "fleet")}
+    code, out, err = _run_cli(fleet, capsys, docs["run"], f"{_slug(name)}-run")
+    assert code == 0, err
+    results = {"run": json.loads(out)}
+    results["fleet"] = submit(docs["fleet"], broker_url=fleet["url"], queue=TINY).wait(WAIT_S, poll=0.05)
+    for via, result in results.items():
+        path = Path(result["output"][len("file://"):])
+        assert path.is_file() and result["shape"] == list(LATENT_SHAPE), result
+        assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
+
+
+def test_a_broken_exif_block_leaves_the_mask_as_stored():
+    """The eXIf case above reads the same mask as the PNG without the chunk."""
+    plain, broken = _png(64, 48), _png(64, 48, (b"eXIf", b"garbage, not TIFF"))
+    mask = decode_mask(broken, "mask", "m.png")
+    assert torch.equal(mask, decode_mask(plain, "mask", "m.png")) and mask.shape == (1, 48, 64)
+    assert mask.sum() == 16 * 12  # the rectangle, not rotated
 
 
 def test_the_table_covers_the_issue_and_more_than_40_cases():
