@@ -43,7 +43,7 @@ def check_schedule_length(steps: int, denoise: float) -> None:
     if not length < MAX_STEPS + 1:
         raise InvalidInput(
             "denoise", f"with steps {steps}, the schedule would have int(steps / denoise) = {length:.6g} steps, "
-            f"over the maximum of {MAX_STEPS}; use denoise >= {steps / MAX_STEPS:g}")
+            f"over the maximum of {MAX_STEPS} (denoise must be at least {steps / MAX_STEPS:g})")
 
 
 def plan_steps(steps: int, denoise: float) -> tuple[int, int]:

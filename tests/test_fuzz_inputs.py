@@ -15,6 +15,7 @@ becomes a row of the bad-input table (tests/test_bad_input.py).
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import struct
 import zlib
@@ -30,6 +31,8 @@ from safetensors.torch import save
 from fuzz_limits import memory_cap
 from maskfleet.job import Job, JobError, parse_job
 from maskfleet.local_run import check_job_uris
+from maskfleet.sampling import SAMPLERS, SCHEDULERS
+from maskfleet.sampling.coherent_loop import coherent_refusal
 from maskfleet.sampling.errors import InvalidInput
 from maskfleet.sampling.two_sampler_loop import MAX_STEPS, plan_steps
 from maskfleet.storage.conditioning_files import decode_conditioning_with_pooled
@@ -137,6 +140,16 @@ def test_steps_and_denoise_are_valid_exactly_when_the_schedule_fits(steps, denoi
     else:
         with pytest.raises(JobError, match=r"^denoise: "):
             parse_job(doc)
+
+
+def test_coherent_refusals_are_one_part_of_a_message():
+    """A rule's reason never holds "; ", the separator between a message's parts (found by the
+    long run: the lcm and SDE-schedule reasons split into parts that named no field). Every
+    combination of names, so no example budget is needed."""
+    for base, base_schedule, mask, mask_schedule in itertools.product(SAMPLERS, SCHEDULERS, SAMPLERS, SCHEDULERS):
+        for crop_margin in (None, 4):
+            refusal = coherent_refusal(base, base_schedule, mask, mask_schedule, crop_margin)
+            assert refusal is None or "; " not in refusal[1], refusal
 
 
 uri_parts = st.text(st.characters(blacklist_categories=()), max_size=30) | st.sampled_from(
