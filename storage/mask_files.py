@@ -48,9 +48,10 @@ def decode_mask(data: bytes, field: str, name: str, *,
     Safetensors files (recognised by content) hold exactly one floating or bool tensor
     of shape [H, W], [B, H, W] or [B, 1, H, W]; it must be finite with values in
     [0, 1] (anything outside is refused, not clamped: 255 or -1 means the producer
-    meant another convention, and clamping would run a different job). Anything else
-    is opened with Pillow (PNG, JPEG, WebP...), see ``image_to_mask``; images over
-    ``max_pixels`` pixels are refused. ``name`` (the URI's last segment) is only checked
+    meant another convention, and clamping would run a different job); a tensor whose
+    header declares more than ``max_pixels`` values is refused before it is built.
+    Anything else is opened with Pillow as one of IMAGE_FORMATS, see ``image_to_mask``;
+    images over ``max_pixels`` pixels are refused. ``name`` (the URI's last segment) is only checked
     for pickle suffixes.
     """
     reject_pickle_suffix(name, field)
@@ -68,6 +69,8 @@ def decode_mask(data: bytes, field: str, name: str, *,
                     field, f"image is {image.width}x{image.height} pixels, over the "
                     f"{max_pixels}-pixel cap")
             return image_to_mask(image).unsqueeze(0)
+    except InvalidFile:
+        raise  # the pixel cap above (a ValueError too): not a decoding error
     except Image.DecompressionBombError as e:
         raise InvalidFile(field, f"image too large: {e}") from None
     except UnidentifiedImageError:
@@ -80,8 +83,9 @@ def decode_mask(data: bytes, field: str, name: str, *,
 def image_to_mask(image: Image.Image) -> torch.Tensor:
     """Convert a Pillow image to a float32 [H, W] mask, as ComfyUI's LoadImageMask does.
 
-    EXIF orientation is applied first (an EXIF block that cannot be parsed is ignored). If the image has transparency (an alpha band or
-    a tRNS transparent colour), mask = 1 - alpha/255, so transparent pixels are masked:
+    EXIF orientation is applied first (an EXIF block that cannot be parsed is ignored,
+    the pixels are used as stored). If the image has transparency (an alpha band or a
+    tRNS transparent colour), mask = 1 - alpha/255, so transparent pixels are masked:
     this is LoadImageMask with its default channel "alpha". Otherwise the red channel
     (the gray value for grayscale) / 255 is used as is, like channel "red"; 16-bit
     grayscale is divided by 65535. Deliberate difference: LoadImageMask with channel
