@@ -46,7 +46,7 @@ from safetensors.torch import save
 
 from maskfleet.model_cache import LoadedModels
 from maskfleet.sampling import AdvancedSampler, sample_two_samplers
-from maskfleet.sampling.unet_denoiser import load_unet_denoiser
+from maskfleet.model_dirs import load_unet_denoiser
 from maskfleet.storage import (
     encode_latent, read_conditioning, read_latent, read_mask, read_object, reset_s3_client,
     write_object)

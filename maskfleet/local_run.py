@@ -28,7 +28,8 @@ from .prompt_encoder import PromptEncoder
 from .sampling import AdvancedSampler
 from .sampling.errors import InvalidInput
 from .sampling.masks import check_mask_fits, check_overlap
-from .sampling.unet_denoiser import UNetDenoiser, load_unet_denoiser, unet_inputs
+from .model_dirs import load_unet_denoiser, unet_inputs
+from .sampling.unet_denoiser import UNetDenoiser
 from .storage.allowed_roots import confine
 from .storage.conditioning_files import read_conditioning
 from .storage.errors import InvalidFile

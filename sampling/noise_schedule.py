@@ -8,9 +8,7 @@ our latents within 1e-4 of ComfyUI's.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -64,13 +62,6 @@ class NoiseSchedule:
 
             betas = DDPMScheduler.from_config(cfg).betas.double()
         return cls.from_betas(betas, cfg["prediction_type"])
-
-    @classmethod
-    def from_scheduler_dir(cls, directory: Path | None) -> "NoiseSchedule":
-        """Read `scheduler_config.json` from a diffusers `scheduler/` folder, SD1.5's when absent."""
-        if directory is None or not (directory / "scheduler_config.json").is_file():
-            return cls.from_config({})
-        return cls.from_config(json.loads((directory / "scheduler_config.json").read_text()))
 
     @property
     def sigma_min(self) -> torch.Tensor:

@@ -2,15 +2,13 @@
 
 The UNet gets `x / sqrt(sigma^2 + 1)` and the *nearest integer* training timestep of
 sigma (fractional timesteps move results by about 1e-3 relative); its output is an
-epsilon or a v prediction turned into x0 in float32.
+epsilon or a v prediction turned into x0 in float32. Loading one from a model directory
+is maskfleet/model_dirs.py's job: this module opens no files.
 """
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -79,60 +77,3 @@ def _repeat_first_rows(rows: int, module: torch.nn.Module, inputs: tuple, output
     if x.shape[0] <= rows or x.shape[0] % rows:
         return None
     return module.forward(x[:rows]).repeat(x.shape[0] // rows, *([1] * (output.ndim - 1)))
-
-
-@dataclass(frozen=True)
-class UNetInputs:
-    """What a UNet takes: latent channels and the width of its conditioning (None if unknown)."""
-
-    in_channels: int
-    context_width: int | None
-
-
-def _unet_dir(model_dir: Path) -> Path:
-    return model_dir / "unet" if (model_dir / "unet" / "config.json").is_file() else model_dir
-
-
-def unet_inputs(model_dir: Path, field: str = "model") -> UNetInputs:
-    """Read the UNet's config.json only (no weights), so a job's tensors are checked before a model loads.
-
-    A mismatch found here would otherwise surface as a shape error deep inside the UNet,
-    after the model was loaded, with no field to fix. The conditioning width is
-    `encoder_hid_dim` when the UNet projects its context first, else `cross_attention_dim`
-    (None when that is a per-block list of different widths).
-    """
-    config_path = _unet_dir(Path(model_dir)) / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise InvalidInput(field, f"cannot read {config_path}: {e}") from None
-    width = config.get("encoder_hid_dim") if config.get("encoder_hid_dim_type") else config.get("cross_attention_dim", 1280)
-    if isinstance(width, (list, tuple)):
-        width = width[0] if len(set(width)) == 1 else None
-    try:
-        return UNetInputs(int(config.get("in_channels", 4)), None if width is None else int(width))
-    except (TypeError, ValueError):
-        raise InvalidInput(field, f"{config_path}: in_channels or cross_attention_dim is not a number") from None
-
-
-def load_unet_denoiser(model_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> UNetDenoiser:
-    """Load a model directory: a bare diffusers UNet (config.json + weights) or a pipeline layout.
-
-    A pipeline layout has `unet/`, optionally `scheduler/` (noise schedule, prediction type)
-    and `vae/` (whose `scaling_factor` sets the latent scale). A bare UNet gets SD1.5's
-    schedule and latent scale.
-    """
-    from diffusers import UNet2DConditionModel
-
-    model_dir = Path(model_dir)
-    unet_dir = _unet_dir(model_dir)
-    if not (unet_dir / "config.json").is_file():
-        raise InvalidInput("model", f"{model_dir} holds no diffusers UNet (config.json missing)")
-    scheduler_dir = model_dir / "scheduler" if unet_dir != model_dir else None
-    latent_scale = SD15_LATENT_SCALE
-    vae_config = model_dir / "vae" / "config.json"
-    if unet_dir != model_dir and vae_config.is_file():
-        latent_scale = float(json.loads(vae_config.read_text()).get("scaling_factor", SD15_LATENT_SCALE))
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype, use_safetensors=True)
-    unet.to(device).eval().requires_grad_(False)
-    return UNetDenoiser(unet, NoiseSchedule.from_scheduler_dir(scheduler_dir), latent_scale)

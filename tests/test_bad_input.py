@@ -49,7 +49,7 @@ from maskfleet.client import JobFailed, JobHandle, _app, submit
 from maskfleet.job import MAX_JOB_BYTES, JobError
 from maskfleet.sampling import AdvancedSampler
 from maskfleet.sampling.comfy_call import JobRandomness, RegionMask, ScheduleCache, advanced_call
-from maskfleet.sampling.unet_denoiser import load_unet_denoiser
+from maskfleet.model_dirs import load_unet_denoiser
 from maskfleet.storage.file_uris import DEFAULT_MAX_INPUT_BYTES
 from maskfleet.storage.mask_files import decode_mask
 from maskfleet.tasks.redis_keys import submitted_key

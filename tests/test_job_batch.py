@@ -19,7 +19,7 @@ from golden_jobs import TINY_UNET
 from maskfleet.sampling import AdvancedSampler, InvalidInput, SamplingStopped, sample_two_samplers
 from maskfleet.sampling.job_batch import BatchJob, batch_key, sample_job_batch
 from maskfleet.sampling.noise_sources import JobBatchRandomness, JobRandomness
-from maskfleet.sampling.unet_denoiser import load_unet_denoiser
+from maskfleet.model_dirs import load_unet_denoiser
 
 SIZE = 8  # latent height and width
 STEPS = 3

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskfleet.sampling.unet_denoiser import load_unet_denoiser
+from maskfleet.model_dirs import load_unet_denoiser
 from maskfleet.storage import InvalidFile
 from maskfleet.storage.model_store import MANIFEST_NAME, ModelStore
 

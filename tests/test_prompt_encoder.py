@@ -9,7 +9,7 @@ import torch
 
 from maskfleet.prompt_encoder import PromptEncoder, has_text_encoder
 from maskfleet.sampling.errors import InvalidInput
-from maskfleet.sampling.unet_denoiser import load_unet_denoiser
+from maskfleet.model_dirs import load_unet_denoiser
 
 GOLDEN_UNET = Path(__file__).parent / "data" / "golden" / "tiny_unet"
 LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"

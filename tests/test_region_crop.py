@@ -10,7 +10,7 @@ from maskfleet.job import JobError, parse_job
 from maskfleet.sampling import AdvancedSampler, InvalidInput, sample_two_samplers
 from maskfleet.sampling.masks import grow_mask
 from maskfleet.sampling.region_crop import CropBox, crop_box, crop_size
-from maskfleet.sampling.unet_denoiser import load_unet_denoiser
+from maskfleet.model_dirs import load_unet_denoiser
 
 
 def rect_mask(h: int, w: int, rows: tuple[int, int], cols: tuple[int, int], batch: int = 1, channels: int = 4) -> torch.Tensor:
