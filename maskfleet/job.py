@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from .names import JOB_ID_PATTERN, MODEL_NAME_PATTERN
 from .sampling import MODES, SAMPLERS, SCHEDULERS
 from .sampling.coherent_loop import coherent_refusal
 from .sampling.errors import InvalidInput
@@ -21,8 +22,6 @@ SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
 Mode = Literal[tuple(MODES)]  # type: ignore[valid-type]
 
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 MAX_JOB_BYTES = 1 << 20  # a job document as JSON text; real ones are a few KB
 MAX_SHOWN_NAME = 64  # an unknown field's name is cut to this in an error message
 

@@ -16,7 +16,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -25,7 +24,7 @@ from .model_cache import LoadedModels
 from .model_lane import ModelLane
 from .prepared_job import PreparedJob, batch_key
 from .prompt_encoder import PromptEncoder
-from .sampling import AdvancedSampler
+from .sampling import AdvancedSampler, ProgressHook, StopHook
 from .sampling.errors import InvalidInput
 from .sampling.masks import check_mask_fits, check_overlap
 from .model_dirs import load_unet_denoiser, unet_inputs
@@ -46,7 +45,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 OUTPUT_SUFFIXES = (".latent", ".safetensors")
 SAMPLER_FIELDS = ("base_sampler", "mask_sampler")
 SDXL_LATENT_SCALE = 0.13025  # the VAE scaling factor that tells an SDXL latent (preview colours)
-ProgressHook = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -178,12 +176,12 @@ class JobRunner:
         return PreparedJob(job, latent.to(self.device), mask, samplers["base_sampler"], samplers["mask_sampler"],
                            started, started_at)
 
-    def run(self, job: Job, on_progress: ProgressHook | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+    def run(self, job: Job, on_progress: ProgressHook | None = None, should_stop: StopHook | None = None) -> dict:
         """Run `job` and return a small JSON-able result (never tensors)."""
         return self.finish(*self.sampled(job, on_progress, should_stop))
 
     def sampled(self, job: Job, on_progress: ProgressHook | None = None,
-                should_stop: Callable[[], bool] | None = None) -> tuple[PreparedJob, torch.Tensor]:
+                should_stop: StopHook | None = None) -> tuple[PreparedJob, torch.Tensor]:
         """Prepare and sample `job`: everything before `finish` writes it (the sampled latent on the CPU).
 
         Apart from `finish` so that a caller can retry the write alone (a fleet worker does,

@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 from queue import SimpleQueue
 from typing import Any, Callable, Hashable, Sequence
 
+from .sampling import ProgressHook, StopHook
 from .sampling.errors import SamplingStopped
 
 log = logging.getLogger(__name__)
 
-ProgressHook = Callable[[int, int, str], None]
-StopHook = Callable[[], bool]
 # run_batch(works, on_progress, should_stop) -> one output per work, in order
 RunBatch = Callable[[Sequence[Any], ProgressHook, StopHook], Sequence[Any]]
 

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Hashable, Sequence
+from typing import Hashable, Sequence
 
 import torch
 
 from .job import Job
-from .sampling import AdvancedSampler, sample_two_samplers
+from .sampling import AdvancedSampler, ProgressHook, StopHook, sample_two_samplers
 from .sampling.job_batch import BatchJob, sample_job_batch
 from .sampling.job_batch import batch_key as engine_batch_key
 
-ProgressHook = Callable[[int, int, str], None]
-StopHook = Callable[[], bool]
 
 
 @dataclass
@@ -42,7 +40,7 @@ class PreparedJob:
         return BatchJob(self.latent, self.mask, self.base, self.mask_sampler, job.seed, job.steps, job.denoise,
                         job.overlap_factor, job.mode)
 
-    def sample(self, on_progress: ProgressHook | None = None, should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    def sample(self, on_progress: ProgressHook | None = None, should_stop: StopHook | None = None) -> torch.Tensor:
         """Sample this job alone; records when its model calls began and ended."""
         self.sampling_at = time.time()
         out = sample_two_samplers(

@@ -8,7 +8,7 @@ from .guidance import Denoiser
 from .noise_schedule import NoiseSchedule
 from .samplers import SAMPLERS
 from .schedulers import SCHEDULERS
-from .two_sampler_loop import MODES, plan_steps, sample_two_samplers
+from .two_sampler_loop import MODES, ProgressHook, StopHook, plan_steps, sample_two_samplers
 
 __all__ = [
     "AdvancedSampler",
@@ -16,10 +16,12 @@ __all__ = [
     "InvalidInput",
     "MODES",
     "NoiseSchedule",
+    "ProgressHook",
     "SAMPLERS",
     "SCHEDULERS",
     "SamplingError",
     "SamplingStopped",
+    "StopHook",
     "plan_steps",
     "sample_two_samplers",
 ]

@@ -34,10 +34,11 @@ import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
+from ..names import MODEL_NAME_PATTERN
 from .errors import InvalidFile, StorageUnavailable
 from .file_uris import resolve_path
 
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 MODELS_ENV = "MASKFLEET_MODELS"
 MODEL_CACHE_ENV = "MASKFLEET_MODEL_CACHE"
 MANIFEST_NAME = ".maskfleet-manifest.json"
