@@ -24,6 +24,7 @@ import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator, Sequence
+from unittest import mock
 
 MEMORY_BROKER = "memory://"
 MEMORY_BACKEND = "cache+memory://"
@@ -90,20 +91,6 @@ class MemoryKeys:
 
 
 @contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextmanager
 def embedded_fleet(
     models_root: str,
     queues: Sequence[str],
@@ -123,7 +110,7 @@ def embedded_fleet(
         "MASKFLEET_DEVICE": device,
         "MASKFLEET_DTYPE": dtype,
     }
-    with _environment(env):
+    with mock.patch.dict(os.environ, env):  # restored as it was when the block ends
         # Imported only now: the app reads the URLs from the environment when first imported.
         from celery.worker import state as worker_state
 

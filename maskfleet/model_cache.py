@@ -10,7 +10,6 @@ no model library.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -18,21 +17,10 @@ from typing import Callable, Generic, TypeVar
 
 import torch
 
-MAX_MODELS_ENV = "MASKFLEET_MAX_LOADED_MODELS"
-DEFAULT_MAX_MODELS = 2
+from .settings import load_settings
 
 T = TypeVar("T")
 Key = tuple[str, str, str]
-
-
-def _max_models_from_env() -> int:
-    value = os.environ.get(MAX_MODELS_ENV)
-    if value is None or value.strip() == "":
-        return DEFAULT_MAX_MODELS
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{MAX_MODELS_ENV} must be a whole number, got {value!r}") from None
 
 
 class LoadedModels(Generic[T]):
@@ -52,7 +40,7 @@ class LoadedModels(Generic[T]):
     ):
         self.device = torch.device(device)
         self.dtype = dtype
-        self.max_models = _max_models_from_env() if max_models is None else max_models
+        self.max_models = load_settings().max_loaded_models if max_models is None else max_models
         if self.max_models < 1:
             raise ValueError(f"max_models must be at least 1, got {self.max_models}")
         self.hits = 0

@@ -12,7 +12,6 @@ directory, text) so a prompt used by job after job is encoded once.
 """
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -21,10 +20,9 @@ import torch
 
 from .model_cache import LoadedModels
 from .sampling.errors import InvalidInput
+from .settings import load_settings
 
 CLIP_MAX_LENGTH = 77
-PROMPT_CACHE_ENV = "MASKFLEET_PROMPT_CACHE_SIZE"
-DEFAULT_PROMPT_CACHE_SIZE = 256
 TEXT_ENCODER_DIR = "text_encoder"
 TOKENIZER_DIR = "tokenizer"
 
@@ -63,16 +61,6 @@ class TextEncoder:
         return self.model(ids.to(self.device))[0]
 
 
-def _cache_size_from_env() -> int:
-    value = os.environ.get(PROMPT_CACHE_ENV, "").strip()
-    if not value:
-        return DEFAULT_PROMPT_CACHE_SIZE
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{PROMPT_CACHE_ENV} must be a whole number, got {value!r}") from None
-
-
 class PromptEncoder:
     """Encodes prompt strings with a model directory's text encoder; caches both.
 
@@ -91,7 +79,7 @@ class PromptEncoder:
     ):
         self.device = torch.device(device)
         self.dtype = dtype
-        self.max_prompts = _cache_size_from_env() if max_prompts is None else max_prompts
+        self.max_prompts = load_settings().prompt_cache_size if max_prompts is None else max_prompts
         if self.max_prompts < 0:
             raise ValueError(f"max_prompts must not be negative, got {self.max_prompts}")
         self.encoders: LoadedModels[TextEncoder] = LoadedModels(max_encoders, self.device, dtype)

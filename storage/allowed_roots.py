@@ -18,15 +18,16 @@ import os
 import stat
 from pathlib import Path
 
+from ..settings import load_settings, variable
 from .errors import InvalidFile
 from .file_uris import resolve_path
 
-ROOTS_ENV = "MASKFLEET_ALLOWED_ROOTS"
+ROOTS_ENV = variable("allowed_roots")
 
 
 def allowed_roots() -> list[Path] | None:
     """The resolved roots from the environment, or None when confinement is off."""
-    value = os.environ.get(ROOTS_ENV)
+    value = load_settings().allowed_roots
     if value is None:
         return None
     roots = []

@@ -35,12 +35,12 @@ import time
 from pathlib import Path, PurePosixPath
 
 from ..names import MODEL_NAME_PATTERN
+from ..settings import load_settings, variable
 from .errors import InvalidFile, StorageUnavailable
 from .file_uris import resolve_path
 
 MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
-MODELS_ENV = "MASKFLEET_MODELS"
-MODEL_CACHE_ENV = "MASKFLEET_MODEL_CACHE"
+MODELS_ENV = variable("models")
 MANIFEST_NAME = ".maskfleet-manifest.json"
 FETCHED_SUFFIXES = (".safetensors", ".json", ".txt")
 PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth", ".pkl", ".pickle")
@@ -51,7 +51,7 @@ def models_root_from(cli_value: str | None) -> str:
 
     Kept a string: ``Path("s3://b/p")`` would fold the ``//``.
     """
-    value = cli_value or os.environ.get(MODELS_ENV)
+    value = cli_value or load_settings().models
     if not value:
         raise InvalidFile("models", f"no model directory: pass --models DIR (or s3://bucket/prefix) or set {MODELS_ENV}")
     return value
@@ -102,7 +102,7 @@ def resolve_model_dir(models_root: Path, name: str, field: str = "model") -> Pat
 
 def default_model_cache() -> Path:
     """$MASKFLEET_MODEL_CACHE, else ``~/.cache/maskfleet/models``."""
-    value = os.environ.get(MODEL_CACHE_ENV, "").strip()
+    value = load_settings().model_cache
     return Path(value).expanduser() if value else Path.home() / ".cache" / "maskfleet" / "models"
 
 

@@ -5,17 +5,8 @@ boto3's standard configuration, untouched here: AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_DEFAULT_REGION, AWS_PROFILE and the shared
 config files, and AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 for a non-AWS endpoint (read by
 botocore itself since boto3 1.28). What we add is botocore configuration, read from the
-environment when a process first asks for its client:
-
-=============================== =========================================== =========
-MASKFLEET_S3_ADDRESSING_STYLE   ``auto``, ``path`` (MinIO, Ceph) or         auto
-                                ``virtual``
-MASKFLEET_S3_MAX_ATTEMPTS       attempts per request, the first included,   5
-                                botocore's "standard" retry mode (backoff)
-MASKFLEET_S3_CONNECT_TIMEOUT    seconds                                     5
-MASKFLEET_S3_READ_TIMEOUT       seconds                                     60
-MASKFLEET_S3_MAX_POOL           connections kept open to the endpoint       16
-=============================== =========================================== =========
+environment (the `MASKFLEET_S3_*` settings, maskfleet/settings.py and docs/settings.md)
+when a process first asks for its client.
 
 Retries, timeouts and pooling are botocore's; there is no retry loop of ours. Clients are
 thread-safe, so each process builds one and reuses it; the cache is keyed by process id
@@ -30,9 +21,8 @@ import threading
 import boto3
 import botocore.config
 
+from ..settings import load_settings
 from .errors import InvalidFile
-
-ADDRESSING_STYLES = ("auto", "path", "virtual")
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _lock = threading.Lock()
@@ -72,36 +62,16 @@ os.register_at_fork(after_in_child=_reinit_lock_in_child)
 
 def s3_config_from_env() -> botocore.config.Config:
     """The botocore configuration described in this module's docstring."""
-    style = os.environ.get("MASKFLEET_S3_ADDRESSING_STYLE", "auto").strip().lower() or "auto"
-    if style not in ADDRESSING_STYLES:
-        raise ValueError(
-            f"MASKFLEET_S3_ADDRESSING_STYLE={style!r}: expected one of "
-            f"{', '.join(ADDRESSING_STYLES)}")
+    settings = load_settings()
     return botocore.config.Config(
         # total_max_attempts counts the first try; botocore's "max_attempts" key would
         # count retries only (5 there means 6 requests).
-        retries={"mode": "standard",
-                 "total_max_attempts": int(_env_number("MASKFLEET_S3_MAX_ATTEMPTS", 5,
-                                                       integer=True))},
-        connect_timeout=_env_number("MASKFLEET_S3_CONNECT_TIMEOUT", 5),
-        read_timeout=_env_number("MASKFLEET_S3_READ_TIMEOUT", 60),
-        max_pool_connections=int(_env_number("MASKFLEET_S3_MAX_POOL", 16, integer=True)),
-        s3={"addressing_style": style},
+        retries={"mode": "standard", "total_max_attempts": settings.s3_max_attempts},
+        connect_timeout=settings.s3_connect_timeout,
+        read_timeout=settings.s3_read_timeout,
+        max_pool_connections=settings.s3_max_pool,
+        s3={"addressing_style": settings.s3_addressing_style},
     )
-
-
-def _env_number(name: str, default: float, integer: bool = False) -> float:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        number = int(value) if integer else float(value)
-    except ValueError:
-        kind = "a whole number" if integer else "a number"
-        raise ValueError(f"{name}={value!r}: expected {kind}") from None
-    if number <= 0:
-        raise ValueError(f"{name}={value!r}: must be positive")
-    return number
 
 
 def parse_s3_uri(uri: str, field: str) -> tuple[str, str]:

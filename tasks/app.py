@@ -6,13 +6,18 @@ Producers import it to send jobs (maskfleet/client.py), workers run it
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
 from celery.signals import celeryd_init
 
+from ..settings import unknown_variables
 from .leases import restore_interval
 from .settings import DEFAULT_QUEUE, TASK_NAME, Settings, load_settings, model_queue
+
+
+log = logging.getLogger(__name__)
 
 
 def route_job(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict | None:
@@ -84,11 +89,15 @@ def worker_only_settings(conf: Any = None, options: Any = None, **_: Any) -> Non
     that write failed, Celery would later take the killed child for a revoke, store
     REVOKED and ack the message once reconnected, and the job would never run again.
     Producers keep failing fast: their status() calls should raise, not hang, while
-    Redis is away.
+    Redis is away. `MASKFLEET_*` variables that are no setting are logged as a warning.
 
     In the thread pool (the pipelined worker, pipelined_worker.py) a running job cannot be
     terminated, so the job is not cancelled on a broker connection loss there.
     """
+    unknown = unknown_variables()
+    if unknown:  # a typo in a deployment's environment would otherwise be ignored in silence
+        log.warning("unknown settings in the environment, ignored: %s (the settings are listed in docs/settings.md)",
+                    ", ".join(unknown))
     if conf is not None:
         conf.result_backend_always_retry = True
         if str((options or {}).get("pool_cls") or "") in ("threads", "celery.concurrency.thread:TaskPool"):

@@ -15,11 +15,12 @@ itself does not follow redirects, so a public receiver cannot bounce it inward.
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 from urllib.parse import urlsplit
 
-ALLOWLIST_ENV = "MASKFLEET_CALLBACK_ALLOWLIST"
+from ..settings import load_settings, variable
+
+ALLOWLIST_ENV = variable("callback_allowlist")
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 # (property of ipaddress.IPv4Address/IPv6Address, what we call it in the error)
@@ -35,7 +36,7 @@ _REFUSED_KINDS = (
 
 def allowlist_from_env() -> list[str]:
     """The entries of ``MASKFLEET_CALLBACK_ALLOWLIST`` (empty when unset)."""
-    raw = os.environ.get(ALLOWLIST_ENV, "")
+    raw = load_settings().callback_allowlist
     return [entry.strip() for entry in raw.split(",") if entry.strip()]
 
 

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from datetime import datetime, timezone
 from typing import Any
 
 from celery.signals import after_setup_logger, after_setup_task_logger
 
-from .settings import TASK_NAME
+from .settings import TASK_NAME, load_settings
 
-FORMAT_ENV = "MASKFLEET_LOG_FORMAT"
 
 
 def _task_ids() -> dict[str, str]:
@@ -58,7 +56,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def enabled() -> bool:
-    return os.environ.get(FORMAT_ENV, "").strip().lower() == "json"
+    return load_settings().log_format == "json"
 
 
 def use_json(logger: logging.Logger) -> None:

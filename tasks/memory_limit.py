@@ -16,26 +16,19 @@ into swap or the OOM killer. Unset, the device's own size is the limit.
 from __future__ import annotations
 
 import gc
-import os
 import resource
 
 import torch
 
-LIMIT_ENV = "MASKFLEET_MEMORY_LIMIT_MB"
+from ..settings import load_settings, variable
+
+LIMIT_ENV = variable("memory_limit_mb")
 _MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")
 
 
 def memory_limit_mb(env: dict | None = None) -> int | None:
-    raw = (os.environ if env is None else env).get(LIMIT_ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{LIMIT_ENV}: expected a whole number of MiB, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{LIMIT_ENV}: must be positive, got {value}")
-    return value
+    """MASKFLEET_MEMORY_LIMIT_MB, None when unset."""
+    return load_settings(env).memory_limit_mb
 
 
 def apply_memory_limit(device: torch.device, limit_mb: int | None) -> None:

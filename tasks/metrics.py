@@ -46,13 +46,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .settings import TASK_NAME
+from .settings import TASK_NAME, load_settings
 
 log = logging.getLogger(__name__)
 
-PORT_ENV = "MASKFLEET_METRICS_PORT"
-ADDR_ENV = "MASKFLEET_METRICS_ADDR"
-DEFAULT_PORT = 9808
 SENT_AT_HEADER = "sent_at"
 
 OUTCOMES = {states.SUCCESS: "succeeded", states.FAILURE: "failed", states.IGNORED: "cancelled", states.RETRY: "retried"}
@@ -118,14 +115,7 @@ registry.register(RunnerCollector())
 
 def metrics_port() -> int:
     """MASKFLEET_METRICS_PORT (default 9808); 0 disables the server."""
-    value = os.environ.get(PORT_ENV, "").strip()
-    try:
-        port = int(value) if value else DEFAULT_PORT
-    except ValueError:
-        raise ValueError(f"{PORT_ENV} must be a port number, got {value!r}") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{PORT_ENV} must be 0..65535, got {port}")
-    return port
+    return load_settings().metrics_port
 
 
 def serve(index: int = 0) -> int | None:
@@ -138,7 +128,7 @@ def serve(index: int = 0) -> int | None:
         if _server is not None and _server[0] == os.getpid():
             return _server[1]
         try:
-            start_http_server(port + index, addr=os.environ.get(ADDR_ENV) or "0.0.0.0", registry=registry)
+            start_http_server(port + index, addr=load_settings().metrics_addr, registry=registry)
         except OSError as e:
             log.warning("metrics not served on port %d: %s", port + index, e)
             return None

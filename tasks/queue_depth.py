@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import threading
 from collections.abc import Iterable, Iterator
@@ -34,6 +33,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from ..settings import load_settings
 
 # kombu.transport.redis: PRIORITY_STEPS, Channel.sep, Channel.unacked_key
 PRIORITY_STEPS = (0, 3, 6, 9)
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
                                      description="Prometheus exporter of Celery queue depth on Redis")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--addr", default="0.0.0.0")
-    parser.add_argument("--redis-url", default=os.environ.get("MASKFLEET_BROKER_URL", "redis://localhost:6379/0"))
+    parser.add_argument("--redis-url", default=load_settings().broker_url)
     parser.add_argument("--queues", required=True, help="comma-separated queue names")
     args = parser.parse_args(argv)
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]

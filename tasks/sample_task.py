@@ -68,19 +68,15 @@ def runner() -> JobRunner:
 def _make_runner() -> JobRunner:
     global _runner
     if _runner is None or _runner[0] != os.getpid():
-        threads = os.environ.get("MASKFLEET_TORCH_THREADS")
-        if threads:
-            torch.set_num_threads(int(threads))
+        settings = load_settings()
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         try:
             root = models_root_from(None)
         except InvalidFile as e:  # the worker's configuration, not the job's fault
             raise RuntimeError(f"worker misconfigured: {e}") from None
-        options = RunOptions(
-            models_root=root,
-            device=os.environ.get("MASKFLEET_DEVICE") or "auto",
-            dtype=os.environ.get("MASKFLEET_DTYPE") or "float32",
-        )
-        job_runner = JobRunner(options, lane=model_lane(load_settings()))
+        options = RunOptions(models_root=root, device=settings.device, dtype=settings.dtype)
+        job_runner = JobRunner(options, lane=model_lane(settings))
         try:
             apply_memory_limit(job_runner.device, memory_limit_mb())
         except ValueError as e:

@@ -24,7 +24,7 @@ Hooked to the task's lifecycle rather than woven into it:
 
 The sender is one :class:`WebhookSender` per process, made on the first job with a
 callback (so in the prefork child), with its retry bound from the environment
-(webhooks.RETRY_ENV). Its key is ``MASKFLEET_WEBHOOK_SECRET``; when that
+(the MASKFLEET_WEBHOOK_* settings). Its key is ``MASKFLEET_WEBHOOK_SECRET``; when that
 is unset or malformed, a job with a callback fails before running with
 ``RuntimeError("worker misconfigured: ...")``: the worker cannot sign, which is not the
 job's fault, and running it silently without its webhooks would be worse. At process

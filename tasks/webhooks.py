@@ -7,7 +7,7 @@ events in order, retries with exponential backoff, and drops an event (with a lo
 once its attempts or its deadline run out. One thread per destination because one
 receiver that is down would otherwise hold every other job's webhooks behind its
 retries; stale progress behind a slow receiver is skipped for the newest for the same
-reason. The retry bound comes from the environment on workers (``RETRY_ENV``).
+reason. The retry bound comes from the MASKFLEET_WEBHOOK_* settings on workers.
 
 Signing (https://www.standardwebhooks.com): each event carries ``webhook-id``
 (unique per event, the same on every retry of it), ``webhook-timestamp`` (integer
@@ -31,7 +31,6 @@ import hmac
 import http.client
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -42,18 +41,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
+from ..settings import load_settings, variable
+
 log = logging.getLogger(__name__)
 
-SECRET_ENV = "MASKFLEET_WEBHOOK_SECRET"
-# WebhookSender keyword: (environment variable, default). The retry bound of a delivery:
-# attempts, the first wait (doubled after each failed attempt, at most max_backoff), the
-# deadline from the first attempt, and each attempt's timeout, all in seconds.
-RETRY_ENV = {
-    "max_attempts": ("MASKFLEET_WEBHOOK_MAX_ATTEMPTS", 6),
-    "backoff": ("MASKFLEET_WEBHOOK_BACKOFF", 0.5),
-    "deadline": ("MASKFLEET_WEBHOOK_DEADLINE", 60.0),
-    "timeout": ("MASKFLEET_WEBHOOK_TIMEOUT", 5.0),
-}
+SECRET_ENV = variable("webhook_secret")
+# WebhookSender's retry keywords, each the setting webhook_<keyword>: attempts, the first
+# wait (doubled after each failed attempt, at most max_backoff), the deadline from the
+# first attempt, and each attempt's timeout, in seconds.
+RETRY_KEYWORDS = ("max_attempts", "backoff", "deadline", "timeout")
 EVENT_TYPES = ("job.started", "job.progress", "job.succeeded", "job.failed", "job.cancelled")
 FINAL_EVENT_TYPES = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
 _STOP = object()
@@ -68,7 +64,7 @@ def load_secret(secret: str | bytes | None = None) -> bytes:
     prefix optional, base64 after it); bytes are the key itself.
     """
     if secret is None:
-        secret = os.environ.get(SECRET_ENV, "")
+        secret = load_settings().webhook_secret
         if not secret:
             raise ValueError(f"{SECRET_ENV} is not set; webhooks are always signed")
     if isinstance(secret, str):
@@ -85,23 +81,9 @@ def load_secret(secret: str | bytes | None = None) -> bytes:
 
 
 def retry_options_from_env(env: dict[str, str] | None = None) -> dict[str, float]:
-    """WebhookSender's retry keywords from ``RETRY_ENV`` (unset: the defaults); ValueError naming a bad one."""
-    env = os.environ if env is None else env
-    options = {}
-    for keyword, (name, default) in RETRY_ENV.items():
-        raw = env.get(name, "").strip()
-        if not raw:
-            options[keyword] = default
-            continue
-        try:
-            value = type(default)(raw)
-        except ValueError:
-            kind = "a whole number" if isinstance(default, int) else "a number of seconds"
-            raise ValueError(f"{name}={raw!r}: expected {kind}") from None
-        if value <= 0:
-            raise ValueError(f"{name}={raw!r}: must be positive")
-        options[keyword] = value
-    return options
+    """WebhookSender's retry keywords from the MASKFLEET_WEBHOOK_* settings; ValueError naming a bad one."""
+    settings = load_settings(env)
+    return {keyword: getattr(settings, f"webhook_{keyword}") for keyword in RETRY_KEYWORDS}
 
 
 def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:

@@ -7,7 +7,7 @@ stretched by the receiver); each delivery is retried with growing waits under th
 webhook-id, up to a bound; a receiver that recovers within that bound gets the events.
 
 The worker's retry bound is shortened through the environment (tasks/webhooks.py,
-RETRY_ENV): MAX_ATTEMPTS attempts, waits of BACKOFF, 2*BACKOFF, 4*BACKOFF ... (at most
+the MASKFLEET_WEBHOOK_* settings): MAX_ATTEMPTS attempts, waits of BACKOFF, 2*BACKOFF, 4*BACKOFF ... (at most
 8 s) between them, DEADLINE seconds in all, TIMEOUT seconds per attempt.
 """
 from __future__ import annotations

@@ -96,7 +96,7 @@ def test_bound_from_environment(monkeypatch):
     assert LoadedModels().max_models == 2
     assert LoadedModels(max_models=5).max_models == 5
     monkeypatch.setenv("MASKFLEET_MAX_LOADED_MODELS", "lots")
-    with pytest.raises(ValueError, match="MASKFLEET_MAX_LOADED_MODELS must be a whole number"):
+    with pytest.raises(ValueError, match="MASKFLEET_MAX_LOADED_MODELS=.lots.: expected a whole number"):
         LoadedModels()
     with pytest.raises(ValueError, match="at least 1"):
         LoadedModels(max_models=0)

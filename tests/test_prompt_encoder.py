@@ -132,7 +132,7 @@ def test_prompt_cache_size_from_environment(monkeypatch):
     monkeypatch.setenv("MASKFLEET_PROMPT_CACHE_SIZE", "7")
     assert PromptEncoder().max_prompts == 7
     monkeypatch.setenv("MASKFLEET_PROMPT_CACHE_SIZE", "many")
-    with pytest.raises(ValueError, match="MASKFLEET_PROMPT_CACHE_SIZE must be a whole number"):
+    with pytest.raises(ValueError, match="MASKFLEET_PROMPT_CACHE_SIZE=.many.: expected a whole number"):
         PromptEncoder()
 
 
