@@ -1,9 +1,10 @@
 """The model store: finding a diffusers model directory by the name a job gives.
 
 Jobs name models ("sd15"), never paths, so a job cannot point a worker at an arbitrary
-directory. This module maps a name to a directory under the models root and refuses
-anything that could escape it (path separators, "..", hidden names, symlinks leading
-outside the root).
+directory. This module maps a name to an entry of the models root and refuses names that
+could be paths (separators, "..", hidden names). The root is the operator's: symlinks in
+it, to model folders or to weight files (the Hugging Face cache links files into
+`blobs/`), are the operator's and are followed wherever they lead, one rule for both.
 
 The root is a local folder or an ``s3://bucket/prefix``. An S3 model (every object under
 ``prefix/name/``) is downloaded once into a local cache directory
@@ -77,8 +78,9 @@ def check_model_name(name: str, field: str = "model") -> None:
 def resolve_model_dir(models_root: Path, name: str, field: str = "model") -> Path:
     """Return the resolved diffusers directory for model ``name`` under ``models_root``.
 
-    The name must match ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` without "..", the directory
-    must stay inside the root once symlinks are resolved, and it must contain
+    The name must match ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` without "..", so it names an
+    entry of the root, never a path; an entry that is a symlink (the operator's) is
+    followed wherever it leads, as links to weight files are. The directory must contain
     ``config.json`` (a pipeline or single model) or ``unet/config.json``.
     """
     check_model_name(name, field)
@@ -86,8 +88,8 @@ def resolve_model_dir(models_root: Path, name: str, field: str = "model") -> Pat
     if not root.is_dir():
         raise InvalidFile(field, f"model directory {models_root} does not exist")
     model_dir = resolve_path(root / name, field)
-    if not model_dir.is_relative_to(root) or model_dir == root:
-        raise InvalidFile(field, f"model {name!r} resolves outside the model directory {root}")
+    if model_dir == root:
+        raise InvalidFile(field, f"model {name!r} is a link to the model directory {root} itself")
     if not model_dir.is_dir():
         names = available_models(root)
         shown = ", ".join(names[:50]) + (", ..." if len(names) > 50 else "")

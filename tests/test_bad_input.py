@@ -331,7 +331,7 @@ CASES = [
     # -- only the worker can judge these: files, objects, models and tensors --
     Case("unknown model", "base_sampler.model", "worker", change(base_sampler__model="nosuchmodel")),
     Case("model name with '..' inside", "mask_sampler.model", "worker", change(mask_sampler__model="tiny..x")),
-    Case("model symlinked out of the store", "base_sampler.model", "worker", _model_symlinked_outside),
+    Case("model linked to a folder that holds no model", "base_sampler.model", "worker", _model_symlinked_outside),
     Case("latent of rank 3", "latent", "worker", with_latent(torch.zeros(4, 16, 16))),
     Case("latent with 3 channels (the model takes 4)", "latent", "worker", with_latent(torch.zeros(1, 3, 16, 16))),
     Case("latent of integer dtype", "latent", "worker", with_latent(torch.zeros(LATENT_SHAPE, dtype=torch.int64))),

@@ -30,13 +30,32 @@ def test_rejects_unsafe_names(models, name):
     assert info.value.field == "base_sampler.model"
 
 
-def test_rejects_symlink_escaping_root(models, tmp_path):
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "config.json").write_text("{}")
-    os.symlink(outside, models / "evil")
-    with pytest.raises(InvalidFile, match="outside the model directory"):
-        resolve_model_dir(models, "evil")
+def test_a_model_folder_linked_from_elsewhere_is_followed(models, tmp_path):
+    """The operator's links are followed, to folders as to files: models kept on another disk."""
+    elsewhere = tmp_path / "other-disk" / "sd15-v2"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "config.json").write_text("{}")
+    os.symlink(elsewhere, models / "linked")
+    assert resolve_model_dir(models, "linked") == elsewhere.resolve()
+
+
+def test_hugging_face_cache_layout_with_files_linked_into_blobs(models, tmp_path):
+    """A snapshot folder whose files are links into blobs/, linked into the store as a model."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    (snapshot / "unet").mkdir(parents=True)
+    (blobs / "1f2e").write_text("{}")
+    os.symlink(blobs / "1f2e", snapshot / "unet" / "config.json")
+    os.symlink(snapshot, models / "tiny-hf")
+    resolved = resolve_model_dir(models, "tiny-hf")
+    assert resolved == snapshot.resolve() and (resolved / "unet" / "config.json").read_text() == "{}"
+
+
+def test_a_link_to_the_root_itself_is_no_model(models):
+    os.symlink(models, models / "loop")
+    with pytest.raises(InvalidFile, match="link to the model directory"):
+        resolve_model_dir(models, "loop")
 
 
 def test_symlink_inside_root_is_fine(models):
