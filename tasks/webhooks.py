@@ -9,13 +9,13 @@ receiver that is down would otherwise hold every other job's webhooks behind its
 retries; stale progress behind a slow receiver is skipped for the newest for the same
 reason. The retry bound comes from the MASKFLEET_WEBHOOK_* settings on workers.
 
-Signing (https://www.standardwebhooks.com): each event carries ``webhook-id``
-(unique per event, the same on every retry of it), ``webhook-timestamp`` (integer
-seconds, of the attempt) and ``webhook-signature`` = ``v1,`` + base64 of
-HMAC-SHA256(key, ``f"{id}.{timestamp}.{body}"``). The key comes from
-``MASKFLEET_WEBHOOK_SECRET`` and is decoded exactly as the ``standardwebhooks``
-package decodes a string secret (``whsec_`` prefix dropped, the rest base64), so a
-receiver's ``Webhook(secret).verify(body, headers)`` accepts our requests.
+Signing (https://www.standardwebhooks.com) is the ``standardwebhooks`` package's: each
+event carries ``webhook-id`` (unique per event, the same on every retry of it),
+``webhook-timestamp`` (integer seconds, of the attempt) and ``webhook-signature`` from
+``Webhook(key).sign``, so a receiver's ``Webhook(secret).verify(body, headers)`` accepts
+our requests. The key comes from ``MASKFLEET_WEBHOOK_SECRET``, checked here first (read
+as the package reads a string secret: ``whsec_`` prefix dropped, the rest base64) so a
+bad one is a clear configuration error naming the variable.
 
 Which URLs may be called is :mod:`callback_policy`'s business (checked when the job
 is submitted and when it runs); the sender does not follow redirects, so a receiver
@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 import http.client
 import json
 import logging
@@ -40,6 +38,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
+
+from standardwebhooks import Webhook
 
 from ..settings import load_settings, variable
 
@@ -84,12 +84,6 @@ def retry_options_from_env(env: dict[str, str] | None = None) -> dict[str, float
     """WebhookSender's retry keywords from the MASKFLEET_WEBHOOK_* settings; ValueError naming a bad one."""
     settings = load_settings(env)
     return {keyword: getattr(settings, f"webhook_{keyword}") for keyword in RETRY_KEYWORDS}
-
-
-def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The ``webhook-signature`` header value for one attempt."""
-    digest = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode("ascii")
 
 
 def event_type_name(name: str) -> str:
@@ -153,7 +147,7 @@ class WebhookSender:
                  max_attempts: int = 6, backoff: float = 0.5, max_backoff: float = 8.0,
                  deadline: float = 60.0, progress_interval: float = 1.0,
                  max_queue: int = 10_000):
-        self._key = load_secret(secret)
+        self._signer = Webhook(load_secret(secret))  # standardwebhooks signs; the key is checked here first
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.backoff = backoff
@@ -313,12 +307,12 @@ class WebhookSender:
 
     def _attempt(self, event: _Event) -> tuple[str | None, bool, float | None]:
         """One POST: (error or None, retryable, Retry-After seconds or None)."""
-        timestamp = int(time.time())
+        sent_at = datetime.fromtimestamp(int(time.time()), tz=timezone.utc)  # a fresh timestamp per attempt
         headers = {"Content-Type": "application/json",
                    "User-Agent": "maskfleet-webhooks",
                    "webhook-id": event.msg_id,
-                   "webhook-timestamp": str(timestamp),
-                   "webhook-signature": sign(self._key, event.msg_id, timestamp, event.body)}
+                   "webhook-timestamp": str(int(sent_at.timestamp())),
+                   "webhook-signature": self._signer.sign(event.msg_id, sent_at, event.body.decode("utf-8"))}
         request = urllib.request.Request(event.url, data=event.body, headers=headers,
                                          method="POST")
         try:
