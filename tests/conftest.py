@@ -1,8 +1,46 @@
-"""Shared fixtures. ``s3_server``: a real S3-compatible server for the session."""
+"""Shared fixtures. ``s3_server``: a real S3-compatible server for the session; and the
+session's own redis-server, so the suite never flushes a database of a shared Redis.
+
+Unless ``MASKFLEET_TEST_REDIS`` names a Redis to use (``redis://host:port``, DBs 1-15 are
+claimed and flushed there), a private ``redis-server`` on a free loopback port serves the
+whole run and stops with it (also on an interrupted run: atexit).
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 from maskfleet.storage import reset_s3_client
+from redis_server import RedisServer
 from s3_server import S3Server
+
+TEST_REDIS_ENV = "MASKFLEET_TEST_REDIS"
+_private_redis: list[tuple[RedisServer, Path]] = []
+
+
+def pytest_configure(config):
+    if os.environ.get(TEST_REDIS_ENV) or shutil.which("redis-server") is None:
+        return  # a Redis named by the developer, or none (the fleet tests then skip)
+    workdir = Path(tempfile.mkdtemp(prefix="maskfleet-test-redis-"))
+    server = RedisServer(workdir).start()
+    _private_redis.append((server, workdir))
+    atexit.register(_stop_private_redis)
+    os.environ[TEST_REDIS_ENV] = server.url().rsplit("/", 1)[0]  # read by fleet_workers.REDIS_URL
+
+
+def pytest_unconfigure(config):
+    _stop_private_redis()
+
+
+def _stop_private_redis():
+    while _private_redis:
+        server, workdir = _private_redis.pop()
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        os.environ.pop(TEST_REDIS_ENV, None)
 
 # Anything from the developer's own AWS setup that could point boto3 elsewhere.
 _FOREIGN_AWS_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN",

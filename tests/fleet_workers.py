@@ -1,4 +1,4 @@
-"""Real Celery workers for the fleet tests: subprocesses on the machine's Redis, one DB per session."""
+"""Real Celery workers for the fleet tests: subprocesses on the test run's Redis (tests/conftest.py), one DB per module."""
 from __future__ import annotations
 
 import os
@@ -15,7 +15,7 @@ from celery import Celery
 from maskfleet.tasks.pipelined_worker import pool_arguments
 from maskfleet.tasks.settings import load_settings
 
-REDIS_URL = os.environ.get("MASKFLEET_TEST_REDIS", "redis://127.0.0.1:6379")
+REDIS_URL = os.environ.get("MASKFLEET_TEST_REDIS", "redis://127.0.0.1:6379")  # conftest.py starts a private one
 
 
 def require_redis() -> None:
