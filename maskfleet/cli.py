@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .job import MAX_JOB_BYTES, JobError, field_help, job_schema, parse_job
+from .job import MAX_JOB_BYTES, JobError, field_help, fields_markdown, job_schema, parse_job
 
 EXIT_INVALID = 2
 
@@ -109,7 +109,10 @@ def _local_path(uri: str) -> str:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    print(json.dumps(job_schema(), indent=2))
+    if args.markdown:
+        print(fields_markdown(), end="")
+    else:
+        print(json.dumps(job_schema(), indent=2))
     return 0
 
 
@@ -216,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of a job")
+    schema.add_argument("--markdown", action="store_true", help="a table of the fields instead (docs/job.md)")
     schema.set_defaults(func=cmd_schema)
     return parser
 

@@ -188,13 +188,30 @@ def job_schema() -> dict:
     return Job.model_json_schema()
 
 
+def _fields() -> list[tuple[str, object]]:
+    """(dotted name, field info) of every job field; a sampler's fields once, under base_sampler."""
+    out = []
+    for name, info in Job.model_fields.items():
+        out.append((name, info))
+        sub_model = {"base_sampler": SamplerSpec, "callback": Callback}.get(name)
+        for sub, sub_info in (sub_model.model_fields.items() if sub_model else ()):
+            out.append((f"{name}.{sub}", sub_info))
+    return out
+
+
 def field_help() -> str:
     """One line per job field (sampler fields indented), for the CLI's help text."""
-    lines = []
-    for name, info in Job.model_fields.items():
-        lines.append(f"  {name}: {info.description}")
-        sub_model = {"base_sampler": SamplerSpec, "callback": Callback}.get(name)
-        if sub_model is not None:
-            for sub, sub_info in sub_model.model_fields.items():
-                lines.append(f"    {sub}: {sub_info.description}")
-    return "\n".join(lines)
+    return "\n".join(f"  {'  ' * name.count('.')}{name.rsplit('.', 1)[-1]}: {info.description}" for name, info in _fields())
+
+
+def fields_markdown() -> str:
+    """docs/job.md: every field of a job document, from the model (`maskfleet schema --markdown`)."""
+    lines = ["# The job document", "",
+             "Generated from the pydantic model in `maskfleet/job.py` (`maskfleet schema --markdown > docs/job.md`;",
+             "`maskfleet schema` prints the JSON Schema). `mask_sampler` has the fields of `base_sampler`.", "",
+             "| field | required | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, info in _fields():
+        required = "yes" if info.is_required() else ""
+        default = "" if info.is_required() or info.default is None else f"`{json.dumps(info.default)}`"
+        lines.append(f"| `{name}` | {required} | {default} | {info.description or ''} |")
+    return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ and where it is refused:
   submit --wait` exits 2 and `JobHandle.wait` raises JobFailed; both jobs end FAILURE
   with InvalidJob naming the field.
 - valid: an empty and a full mask are jobs like any other and SUCCEED; what each does is
-  checked against the sampling code (see test_* at the end and README "Running a job").
+  checked against the sampling code (see test_* at the end and docs/jobs.md).
 
 Whatever a refused case's outcome, nothing is written: its output and preview do not
 exist afterwards, no file appears in the output folder, and no input changes. One real
