@@ -8,7 +8,7 @@ thread each, MASKFLEET_TORCH_THREADS=1) started as the fleet tests start them
 with --steps steps.
 
 (a) Fleet overhead. Fleet: `maskfleet.client.submit(job)` then `handle.wait()` until the
-client sees SUCCESS (polling Redis every --poll-ms). Local: `JobRunner.run(job)` in this
+client sees SUCCESS (polling Redis every --poll-ms). Local: `JobPipeline.run(job)` in this
 process on a warm runner (what `maskfleet run` does), the same inputs and model store on S3,
 its output also written to S3, one torch thread like the worker. After one warm-up of each,
 --jobs fleet and local runs alternate; overhead = median(fleet) - median(local).
@@ -40,7 +40,7 @@ from fleet_workers import Worker, claim_db_url, flush  # noqa: E402
 
 from maskfleet.client import _app, submit  # noqa: E402
 from maskfleet.job import parse_job  # noqa: E402
-from maskfleet.local_run import JobRunner, RunOptions  # noqa: E402
+from maskfleet.job_pipeline import JobPipeline, RunOptions  # noqa: E402
 from maskfleet.tasks.settings import model_queue  # noqa: E402
 from machine import cpu_model  # bench/machine.py (scripts run with bench/ on sys.path)
 from s3_setup import CASE, start_local_s3  # bench/s3_setup.py
@@ -96,7 +96,7 @@ def main() -> None:
             return worker
 
         start_worker("bench-a")
-        runner = JobRunner(RunOptions(models, "cpu", model_cache_dir=tmp / "cache-local"))
+        runner = JobPipeline(RunOptions(models, "cpu", model_cache_dir=tmp / "cache-local"))
         runner.run(parse_job(job("local-warm", 0)))
 
         # (a) alternate fleet and local runs of the same job
@@ -133,7 +133,7 @@ def main() -> None:
         print()
         print(f"(a) fleet overhead, median of {args.jobs} sequential jobs after a warm-up")
         print(f"    fleet end to end (submit -> SUCCESS at the client)  {ms(fleet_med)}   (runs, ms: {runs(fleet_s)})")
-        print(f"    in-process JobRunner.run, warm (maskfleet run)      {ms(local_med)}   (runs, ms: {runs(local_s)})")
+        print(f"    in-process JobPipeline.run, warm (maskfleet run)      {ms(local_med)}   (runs, ms: {runs(local_s)})")
         print(f"    the job as timed inside the worker                  {ms(worker_med)}")
         print(f"    fleet overhead = fleet - in-process                 {ms(overhead)}   (target < 150 ms: "
               f"{'met' if overhead < 0.150 else 'NOT met'})")

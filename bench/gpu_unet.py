@@ -32,8 +32,8 @@ from diffusers import UNet2DConditionModel
 
 from loop_efficiency import job_inputs  # bench/loop_efficiency.py
 from machine import cpu_model  # bench/machine.py (scripts run with bench/ on sys.path)
-from maskfleet.sampling import AdvancedSampler, NoiseSchedule, sample_two_samplers
-from maskfleet.sampling.job_batch import BatchJob, sample_job_batch
+from maskfleet.sampling import AdvancedSampler, NoiseSchedule, SamplingJob, sample_job
+from maskfleet.sampling.job_batch import sample_job_batch
 from maskfleet.sampling.unet_denoiser import UNetDenoiser
 
 SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -74,12 +74,12 @@ def build(config: dict, device: torch.device, dtype: torch.dtype, channels_last:
     return denoiser
 
 
-def jobs_for(denoiser: UNetDenoiser, n: int, size: int, steps: int, device: torch.device) -> list[BatchJob]:
+def jobs_for(denoiser: UNetDenoiser, n: int, size: int, steps: int, device: torch.device) -> list[SamplingJob]:
     g, latent, mask, _ = job_inputs(size)
     jobs = []
     for i in range(n):
         conds = [torch.randn(1, 77, 768, generator=g).to(device) for _ in range(4)]
-        jobs.append(BatchJob(latent=(latent if i == 0 else torch.randn(latent.shape, generator=g)).to(device),
+        jobs.append(SamplingJob.of(latent=(latent if i == 0 else torch.randn(latent.shape, generator=g)).to(device),
                              mask=mask.roll((i * size // 7, -i * size // 5), dims=(0, 1)),
                              base=AdvancedSampler(denoiser, 7.5, "euler", "normal", conds[0], conds[1]),
                              mask_sampler=AdvancedSampler(denoiser, 4.0, "euler", "normal", conds[2], conds[3]),
@@ -87,9 +87,8 @@ def jobs_for(denoiser: UNetDenoiser, n: int, size: int, steps: int, device: torc
     return jobs
 
 
-def run_alone(job: BatchJob) -> torch.Tensor:
-    return sample_two_samplers(job.latent, job.mask, job.base, job.mask_sampler, seed=job.seed, steps=job.steps,
-                               overlap_factor=job.overlap_factor)
+def run_alone(job: SamplingJob) -> torch.Tensor:
+    return sample_job(job)
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
     and the time ratio. cfg 1.0 needs no uncond pass, so it should cost about half.
 (b) cond and uncond as one batched forward `unet(cat([x, x]))` vs two forwards of one row:
     what batching them saves on this machine.
-(c) A job whose samplers name the same model (golden case c03 through JobRunner): the
+(c) A job whose samplers name the same model (golden case c03 through JobPipeline): the
     model is loaded once and shared (the loaded-model cache's load count).
 (d) Coherent mode with one model object for both samplers (their first evaluation of each
     step is one forward of four row blocks) vs the same UNet behind two denoiser objects
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job  # noqa: E402
 
 from maskfleet.job import parse_job  # noqa: E402
-from maskfleet.local_run import JobRunner, RunOptions  # noqa: E402
+from maskfleet.job_pipeline import JobPipeline, RunOptions  # noqa: E402
 
 
 def main() -> None:
@@ -99,7 +99,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="guidance-"))
     job_path, _, _ = write_case_job(IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0", work / "case")
-    runner = JobRunner(RunOptions(str(make_models_dir(work)), "cpu"))
+    runner = JobPipeline(RunOptions(str(make_models_dir(work)), "cpu"))
     spec = json.loads(job_path.read_text())
     assert spec["base_sampler"]["model"] == spec["mask_sampler"]["model"]
     runner.run(parse_job(spec))

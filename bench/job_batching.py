@@ -19,19 +19,19 @@ import torch
 
 from loop_efficiency import build_unet, job_inputs, timed  # bench/loop_efficiency.py
 from machine import cpu_model  # bench/machine.py (scripts run with bench/ on sys.path)
-from maskfleet.sampling import AdvancedSampler, NoiseSchedule, sample_two_samplers
-from maskfleet.sampling.job_batch import BatchJob, sample_job_batch
+from maskfleet.sampling import AdvancedSampler, NoiseSchedule, SamplingJob, sample_job
+from maskfleet.sampling.job_batch import sample_job_batch
 from maskfleet.sampling.unet_denoiser import UNetDenoiser
 
 
-def make_jobs(denoiser: UNetDenoiser, n: int, size: int, steps: int, sampler: str) -> list[BatchJob]:
+def make_jobs(denoiser: UNetDenoiser, n: int, size: int, steps: int, sampler: str) -> list[SamplingJob]:
     """n variants of the loop bench's job: seeds 0..n-1, fresh latents and conditionings,
     the mask rolled to another centre for each."""
     g, latent, mask, _ = job_inputs(size)
     jobs = []
     for i in range(n):
         conds = [torch.randn(1, 77, 64, generator=g) for _ in range(4)]
-        jobs.append(BatchJob(
+        jobs.append(SamplingJob.of(
             latent=latent if i == 0 else torch.randn(latent.shape, generator=g),
             mask=mask.roll((i * size // 7, -i * size // 5), dims=(0, 1)),
             base=AdvancedSampler(denoiser, 7.0, sampler, "normal", conds[0], conds[1]),
@@ -43,9 +43,8 @@ def make_jobs(denoiser: UNetDenoiser, n: int, size: int, steps: int, sampler: st
     return jobs
 
 
-def run_alone(job: BatchJob) -> torch.Tensor:
-    return sample_two_samplers(job.latent, job.mask, job.base, job.mask_sampler, seed=job.seed, steps=job.steps,
-                               denoise=job.denoise, overlap_factor=job.overlap_factor)
+def run_alone(job: SamplingJob) -> torch.Tensor:
+    return sample_job(job)
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ def _read_job(path: str):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .local_run import RunOptions, run_job
+    from .job_pipeline import RunOptions, run_job
     from .sampling.errors import InvalidInput
     from .storage.errors import InvalidFile
     from .storage.model_store import models_root_from

@@ -14,7 +14,7 @@ result through the result backend) on a machine with no Redis and no S3:
   is stopped and joined when the `embedded_fleet` block ends, so nothing keeps the
   process alive afterwards.
 
-The worker's JobRunner reads MASKFLEET_MODELS/DEVICE/DTYPE like a fleet worker; they are
+The worker's JobPipeline reads MASKFLEET_MODELS/DEVICE/DTYPE like a fleet worker; they are
 set for the duration of the block and restored after it.
 """
 from __future__ import annotations
@@ -114,7 +114,8 @@ def embedded_fleet(
         # Imported only now: the app reads the URLs from the environment when first imported.
         from celery.worker import state as worker_state
 
-        from .tasks import redis_keys, sample_task
+        from .tasks import redis_keys, sample_task  # noqa: F401 (registers the task with the app)
+        from .tasks.worker_pipeline import reset_pipeline
         from .tasks.app import app
 
         # Also when the app was imported earlier in this process (before anything connected).
@@ -135,7 +136,7 @@ def embedded_fleet(
             conn.release()
         keys = MemoryKeys()
         redis_keys.register_store(MEMORY_BACKEND, keys)  # the task's own keys go to the dict
-        sample_task.reset_runner()  # a JobRunner for this block's models/device/dtype
+        reset_pipeline()  # a JobPipeline for this block's models/device/dtype
 
         ready = threading.Event()
         worker = app.WorkController(
@@ -172,7 +173,7 @@ def embedded_fleet(
             thread.join(1.0 if failed else stop_timeout)
             worker_state.should_terminate = None
             redis_keys.register_store(MEMORY_BACKEND, None)
-            sample_task.reset_runner()
+            reset_pipeline()
             if not thread.is_alive():
                 app.close()
             elif not failed:

@@ -13,14 +13,12 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from .names import JOB_ID_PATTERN, MODEL_NAME_PATTERN
-from .sampling import MODES, SAMPLERS, SCHEDULERS
+from .sampling import SAMPLERS, SCHEDULERS, SamplingParams
 from .sampling.coherent_loop import coherent_refusal
 from .sampling.errors import InvalidInput
-from .sampling.two_sampler_loop import MAX_STEPS, check_schedule_length
 
 SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
 SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
-Mode = Literal[tuple(MODES)]  # type: ignore[valid-type]
 
 MAX_JOB_BYTES = 1 << 20  # a job document as JSON text; real ones are a few KB
 MAX_SHOWN_NAME = 64  # an unknown field's name is cut to this in an error message
@@ -78,44 +76,22 @@ class Callback(BaseModel):
         return url
 
 
-class FieldRefused(ValueError):
-    """A rule across fields, refused by a model validator: names the field it blames."""
-
-    def __init__(self, field: str, reason: str):
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-
-
-class Job(BaseModel):
-    """A two-sampler masked sampling job."""
+class Job(SamplingParams):
+    """A two-sampler masked sampling job: the sampling params (seed, steps, denoise, overlap_factor,
+    crop_margin, mode; declared in sampling/sampling_job.py) plus where its inputs and outputs are."""
 
     # strict: JSON types as they are ("20" is not a number of steps, true is not 1).
     model_config = ConfigDict(extra="forbid", title="maskfleet job", strict=True)
 
     job_id: str | None = Field(None, pattern=JOB_ID_PATTERN, description="Client-chosen idempotency key.")
-    seed: int = Field(0, ge=0, le=2**64 - 1, description="Noise seed; the same job and seed give the same latent.")
-    steps: int = Field(20, ge=1, le=MAX_STEPS, description="Steps the job runs.")
-    denoise: float = Field(1.0, gt=0.0, le=1.0, description=f"Fraction of the schedule to run: the schedule has int(steps / denoise) steps (at most {MAX_STEPS}) and the job runs its last `steps`.")
-    overlap_factor: int = Field(10, ge=0, le=10000, description="Box size (latent pixels) by which the mask sampler's region grows past the mask.")
-    crop_margin: int | None = Field(None, ge=0, le=10000, description="Opt-in speed-up, off when left out: the mask sampler runs on its grown region's bounding box plus this many latent pixels of context on each side (sides rounded up to fixed sizes), not the whole latent. Faster for small masks; the result differs slightly from full frame (the model sees less context; ancestral/SDE mask samplers draw other noise).")
     latent: str = Field(min_length=1, description="URI of the input latent: ComfyUI .latent or safetensors with one [B, C, H, W] tensor.")
     mask: str = Field(min_length=1, description="URI of the mask: PNG (ComfyUI LoadImageMask conventions) or safetensors, any resolution, values in [0, 1].")
     base_sampler: SamplerSpec = Field(description="Sampler for everything outside the mask.")
     mask_sampler: SamplerSpec = Field(description="Sampler for the mask, grown by overlap_factor.")
     output: str = Field(min_length=1, description="URI of the output latent: .latent (ComfyUI format) or .safetensors.")
     preview: str | None = Field(None, min_length=1, description="Optional URI of a PNG preview of the output latent.")
-    mode: Mode = Field("comfy", description="Sampling mode: 'comfy' reproduces the original node in ComfyUI; 'coherent' keeps each sampler's state, one sigma schedule and one noise stream across the interleaved steps and blends the two results across the overlap band, so every sampler it accepts gives a clean result (both samplers must use the same scheduler; refused: crop_margin, lcm, and dpmpp_2m_sde/dpmpp_3m_sde on the normal and ddim_uniform schedules).")
     callback: Callback | None = Field(None, description="Fleet only: webhook for the job's status events; `maskfleet run` ignores it.")
     time_limit: int | None = Field(None, ge=1, le=86400, description="Fleet only: hard time limit in seconds (soft limit a little below), at most the workers' MASKFLEET_MAX_JOB_SECONDS; `maskfleet run` ignores it.")
-
-    @model_validator(mode="after")
-    def _schedule_fits(self) -> "Job":
-        """The schedule `int(steps / denoise)` within MAX_STEPS: a tiny denoise asks for billions of sigmas."""
-        try:
-            check_schedule_length(self.steps, self.denoise)
-        except InvalidInput as e:
-            raise FieldRefused(e.field, e.reason) from None
-        return self
 
     @model_validator(mode="after")
     def _mode_can_run(self) -> "Job":
@@ -125,8 +101,12 @@ class Job(BaseModel):
             refusal = coherent_refusal(self.base_sampler.sampler_name, self.base_sampler.scheduler,
                                        self.mask_sampler.sampler_name, self.mask_sampler.scheduler, self.crop_margin)
             if refusal is not None:
-                raise FieldRefused(*refusal)
+                raise InvalidInput(*refusal)
         return self
+
+    def sampling_params(self) -> SamplingParams:
+        """The params the engine samples with (SamplingJob.params), without the job's URIs."""
+        return SamplingParams.model_validate({name: getattr(self, name) for name in SamplingParams.model_fields})
 
     def input_uris(self) -> dict[str, str]:
         """Every object the job reads, by field: latent, mask, and conditionings given as URIs."""
@@ -150,7 +130,7 @@ def _describe(error: ValidationError) -> str:
         # Drop the union tag pydantic puts after positive/negative ("uri" or "prompt").
         loc = [p for i, p in enumerate(loc) if not (i and loc[i - 1] in ("positive", "negative") and p in ("uri", "prompt"))]
         refused = (e.get("ctx") or {}).get("error")
-        if not loc and isinstance(refused, FieldRefused):
+        if not loc and isinstance(refused, InvalidInput):
             lines.append(str(refused))  # already "<field>: <reason>"
             continue
         where = ".".join(p if len(p) <= MAX_SHOWN_NAME else p[:MAX_SHOWN_NAME] + "..." for p in loc) or "job"

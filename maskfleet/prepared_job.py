@@ -1,6 +1,6 @@
 """A job ready for the model: its tensors on the device, its samplers built; sampled alone or in a batch.
 
-JobRunner.prepare makes one (inputs read and checked, models loaded); sampling it is
+JobPipeline.prepare makes one (inputs read and checked, models loaded); sampling it is
 the only part that needs the model, so a pipelined worker's model lane (model_lane.py)
 runs `sample_batch` on one or several of them while other threads prepare and write.
 Jobs batch when `batch_key` is equal and not None.
@@ -14,10 +14,9 @@ from typing import Hashable, Sequence
 import torch
 
 from .job import Job
-from .sampling import AdvancedSampler, ProgressHook, StopHook, sample_two_samplers
-from .sampling.job_batch import BatchJob, sample_job_batch
+from .sampling import ProgressHook, SamplingJob, StopHook, sample_job
 from .sampling.job_batch import batch_key as engine_batch_key
-
+from .sampling.job_batch import sample_job_batch
 
 
 @dataclass
@@ -25,48 +24,23 @@ class PreparedJob:
     """A job whose inputs are read and checked and whose models are loaded: what sampling needs."""
 
     job: Job
-    latent: torch.Tensor  # on the runner's device
-    mask: torch.Tensor
-    base: AdvancedSampler
-    mask_sampler: AdvancedSampler
+    sampling: SamplingJob  # tensors on the runner's device, samplers with their loaded models
     started: float  # perf_counter and wall clock when the job started here
     started_at: float
     sampling_at: float = 0.0  # wall clock: first model call, end of sampling
     sampled_at: float = 0.0
 
-    def batch_job(self) -> BatchJob:
-        """This job as one item of a cross-job batch."""
-        job = self.job
-        return BatchJob(self.latent, self.mask, self.base, self.mask_sampler, job.seed, job.steps, job.denoise,
-                        job.overlap_factor, job.mode)
-
     def sample(self, on_progress: ProgressHook | None = None, should_stop: StopHook | None = None) -> torch.Tensor:
         """Sample this job alone; records when its model calls began and ended."""
         self.sampling_at = time.time()
-        out = sample_two_samplers(
-            self.latent,
-            self.mask,
-            self.base,
-            self.mask_sampler,
-            seed=self.job.seed,
-            steps=self.job.steps,
-            denoise=self.job.denoise,
-            overlap_factor=self.job.overlap_factor,
-            crop_margin=self.job.crop_margin,
-            mode=self.job.mode,
-            on_progress=on_progress,
-            should_stop=should_stop,
-        )
+        out = sample_job(self.sampling, on_progress=on_progress, should_stop=should_stop)
         self.sampled_at = time.time()
         return out
 
 
 def batch_key(prepared: PreparedJob) -> Hashable | None:
-    """What jobs must share to run as one batch (sampling/job_batch.py's BatchKey); None: this
-    job runs alone (a cropped mask sampler works on the job's own box, which a batch cannot share)."""
-    if prepared.job.crop_margin is not None:
-        return None
-    return engine_batch_key(prepared.batch_job())
+    """What jobs must share to run as one batch (sampling/job_batch.py's BatchKey); None: this job runs alone."""
+    return engine_batch_key(prepared.sampling)
 
 
 def sample_batch(works: Sequence[PreparedJob], on_progress: ProgressHook, should_stop: StopHook,
@@ -75,7 +49,7 @@ def sample_batch(works: Sequence[PreparedJob], on_progress: ProgressHook, should
     if len(works) == 1:
         return [works[0].sample(on_progress, should_stop)]
     started = time.time()
-    outs = sample_job_batch([w.batch_job() for w in works], forward=forward,  # type: ignore[arg-type]
+    outs = sample_job_batch([w.sampling for w in works], forward=forward,  # type: ignore[arg-type]
                             on_progress=on_progress, should_stop=should_stop)
     ended = time.time()
     for work in works:

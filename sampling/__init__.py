@@ -8,7 +8,8 @@ from .guidance import Denoiser
 from .noise_schedule import NoiseSchedule
 from .samplers import SAMPLERS
 from .schedulers import SCHEDULERS
-from .two_sampler_loop import MODES, ProgressHook, StopHook, plan_steps, sample_two_samplers
+from .sampling_job import MODES, ProgressHook, SamplingJob, SamplingParams, StopHook, plan_steps
+from .two_sampler_loop import sample_job, sample_two_samplers
 
 __all__ = [
     "AdvancedSampler",
@@ -20,8 +21,11 @@ __all__ = [
     "SAMPLERS",
     "SCHEDULERS",
     "SamplingError",
+    "SamplingJob",
+    "SamplingParams",
     "SamplingStopped",
     "StopHook",
     "plan_steps",
+    "sample_job",
     "sample_two_samplers",
 ]

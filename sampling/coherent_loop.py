@@ -54,8 +54,9 @@ from .comfy_call import AdvancedSampler, start_noise_scale
 from .errors import InvalidInput, SamplingStopped
 from .guidance import guided_denoise, guided_denoise_many
 from .masks import grow_mask, to_latent
-from .noise_sources import JobRandomness, NoiseSource, Randomness
+from .noise_sources import NoiseSource, Randomness
 from .samplers import SAMPLERS, StepContext
+from .sampling_job import ProgressHook, SamplingJob, StopHook
 from .schedulers import schedule_for
 from .unipc_multistep import unipc_bh2_step, unipc_step
 
@@ -215,30 +216,19 @@ def start_noise(x: torch.Tensor, sigmas: torch.Tensor, sigma_max: float, randomn
     return x + randomness.start_noise(x.shape, x.device) * start_noise_scale(sigma_max, float(sigmas[0]))
 
 
-def sample_coherent(
-    latent: torch.Tensor,
-    mask: torch.Tensor,
-    base: AdvancedSampler,
-    mask_sampler: AdvancedSampler,
-    *,
-    adv_steps: int,
-    start: int,
-    overlap_factor: int,
-    randomness: Randomness | None,
-    seed: int,
-    on_progress: Callable[[int, int, str], None] | None,
-    should_stop: Callable[[], bool] | None,
-) -> torch.Tensor:
-    """Coherent-mode body of `sample_two_samplers` (inputs already validated; mask [B, h, w]).
+def sample_coherent(job: SamplingJob, randomness: Randomness, on_progress: ProgressHook | None,
+                    should_stop: StopHook | None) -> torch.Tensor:
+    """Coherent-mode body of `two_sampler_loop.sample_job` (inputs already validated; mask [B, h, w]).
 
     Progress: two calls per step, base then mask, total 2 * steps, as in comfy mode.
     When both samplers use one model object, their first evaluation of each step runs as
     one batch (`first_evaluations`).
     """
-    w = blend_weight(mask, latent.shape, overlap_factor).to(latent.device)
+    latent, base, mask_sampler = job.latent, job.base, job.mask_sampler
+    adv_steps, start = job.params.plan()
+    w = blend_weight(job.mask, latent.shape, job.params.overlap_factor).to(latent.device)
     full = schedule_for(base.denoiser.schedule, base.sampler_name, base.scheduler, adv_steps)
     sigmas = full[start:]
-    randomness = JobRandomness(seed) if randomness is None else randomness
     scale = base.denoiser.latent_scale
     x = start_noise(latent.float() * scale, sigmas, float(base.denoiser.schedule.sigma_max), randomness)
     brownian = any(SAMPLERS[s.sampler_name].noise == "brownian" for s in (base, mask_sampler))

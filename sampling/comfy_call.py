@@ -78,81 +78,75 @@ def step_sigmas(total: torch.Tensor, start: int, end: int, leftover: bool) -> to
     return sigmas[start:]
 
 
-def _one_pass(
-    sampler: AdvancedSampler,
-    info: SamplerInfo,
-    schedule_name: str,
-    x_in: torch.Tensor,
-    region: RegionMask,
-    steps: int,
-    start: int,
-    end: int,
-    add_noise: bool,
-    leftover: bool,
-    randomness: Randomness,
-    schedules: ScheduleCache,
-) -> torch.Tensor:
-    denoiser = sampler.denoiser
-    total = schedules.get(denoiser, schedule_name, sampler.scheduler, steps)
-    sigmas = step_sigmas(total, start, end, leftover)
-    if sigmas is None:
-        return x_in
-    # The sigmas stay on the CPU (0-d CPU tensors mix with tensors on any device), so the
-    # steps' sigma comparisons and the denoiser's timestep lookup never wait on a GPU.
-    if add_noise:
-        noise = randomness.start_noise(x_in.shape, x_in.device)
-        x = x_in + noise * start_noise_scale(float(denoiser.schedule.sigma_max), sigmas[0])
-    else:
-        noise = None
-        x = x_in
-    if info.inpaint_random_noise:
-        noise = randomness.inpaint_noise(x_in.shape, x_in.device)
-    kept = x_in * region.outside  # what the model's output is replaced by outside the mask
+@dataclass(frozen=True)
+class CallSpan:
+    """The step range one call runs: steps [start, end) of a `steps`-step schedule, whether
+    it adds the starting noise, and whether it returns x with leftover noise (else the last x0)."""
 
-    def model(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        outside_input = kept if noise is None else (x_in + noise * sigma) * region.outside
-        seen = x_t * region.inside + outside_input
-        denoised = guided_denoise(denoiser, seen, sigma, sampler.positive, sampler.negative, sampler.cfg)
-        return denoised * region.inside + kept
-
-    if info.noise == "ancestral":
-        noise_source = lambda sigma, sigma_next: randomness.ancestral_noise(x.shape, x.device)  # noqa: E731
-    elif info.noise == "brownian":
-        positive = total[total > 0]
-        noise_source = randomness.brownian(x, positive.min(), total.max())
-    else:
-        noise_source = None
-    ctx = StepContext(model=model, noise=noise_source)
-    denoised = None
-    for i in range(len(sigmas) - 1):
-        x, denoised = info.step(ctx, x, sigmas[i], sigmas[i + 1])
-    if leftover or denoised is None:
-        return x
-    return denoised
+    steps: int
+    start: int
+    end: int
+    add_noise: bool
+    leftover: bool
 
 
-def advanced_call(
-    sampler: AdvancedSampler,
-    x_in: torch.Tensor,
-    region: RegionMask,
-    steps: int,
-    start: int,
-    end: int,
-    add_noise: bool,
-    leftover: bool,
-    randomness: Randomness,
-    schedules: ScheduleCache,
-) -> torch.Tensor:
-    """Run `sampler` over steps [start, end) of its `steps`-step schedule inside `region`."""
+@dataclass(frozen=True)
+class OneCall:
+    """One call of an advanced sampler inside `region` over `span`, with the job's draws and schedules."""
 
-    def run_pass(pass_info: SamplerInfo, schedule_name: str, x: torch.Tensor) -> torch.Tensor:
-        return _one_pass(sampler, pass_info, schedule_name, x, region, steps, start, end, add_noise, leftover, randomness, schedules)
+    sampler: AdvancedSampler
+    region: RegionMask
+    span: CallSpan
+    randomness: Randomness
+    schedules: ScheduleCache
 
-    info = SAMPLERS[sampler.sampler_name]
-    x = run_pass(info, sampler.sampler_name, x_in)
-    if info.recovery_sampler is None:
-        return x
-    # Impact Pack's recovery: composite into the input with the noise mask, then the same
-    # step again with the recovery sampler on that sampler's own (plain) schedule.
-    composite = x * region.inside + x_in * region.outside
-    return run_pass(RECOVERY_SAMPLERS[info.recovery_sampler], info.recovery_sampler, composite)
+    def run(self, x_in: torch.Tensor) -> torch.Tensor:
+        """The sampler's pass, then (SDE and uni_pc samplers) Impact Pack's recovery pass."""
+        info = SAMPLERS[self.sampler.sampler_name]
+        x = self._pass(info, self.sampler.sampler_name, x_in)
+        if info.recovery_sampler is None:
+            return x
+        # Impact Pack's recovery: composite into the input with the noise mask, then the same
+        # step again with the recovery sampler on that sampler's own (plain) schedule.
+        composite = x * self.region.inside + x_in * self.region.outside
+        return self._pass(RECOVERY_SAMPLERS[info.recovery_sampler], info.recovery_sampler, composite)
+
+    def _pass(self, info: SamplerInfo, schedule_name: str, x_in: torch.Tensor) -> torch.Tensor:
+        sampler, region, span, randomness = self.sampler, self.region, self.span, self.randomness
+        denoiser = sampler.denoiser
+        total = self.schedules.get(denoiser, schedule_name, sampler.scheduler, span.steps)
+        sigmas = step_sigmas(total, span.start, span.end, span.leftover)
+        if sigmas is None:
+            return x_in
+        # The sigmas stay on the CPU (0-d CPU tensors mix with tensors on any device), so the
+        # steps' sigma comparisons and the denoiser's timestep lookup never wait on a GPU.
+        if span.add_noise:
+            noise = randomness.start_noise(x_in.shape, x_in.device)
+            x = x_in + noise * start_noise_scale(float(denoiser.schedule.sigma_max), sigmas[0])
+        else:
+            noise = None
+            x = x_in
+        if info.inpaint_random_noise:
+            noise = randomness.inpaint_noise(x_in.shape, x_in.device)
+        kept = x_in * region.outside  # what the model's output is replaced by outside the mask
+
+        def model(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            outside_input = kept if noise is None else (x_in + noise * sigma) * region.outside
+            seen = x_t * region.inside + outside_input
+            denoised = guided_denoise(denoiser, seen, sigma, sampler.positive, sampler.negative, sampler.cfg)
+            return denoised * region.inside + kept
+
+        if info.noise == "ancestral":
+            noise_source = lambda sigma, sigma_next: randomness.ancestral_noise(x.shape, x.device)  # noqa: E731
+        elif info.noise == "brownian":
+            positive = total[total > 0]
+            noise_source = randomness.brownian(x, positive.min(), total.max())
+        else:
+            noise_source = None
+        ctx = StepContext(model=model, noise=noise_source)
+        denoised = None
+        for i in range(len(sigmas) - 1):
+            x, denoised = info.step(ctx, x, sigmas[i], sigmas[i + 1])
+        if span.leftover or denoised is None:
+            return x
+        return denoised

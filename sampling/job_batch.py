@@ -30,29 +30,17 @@ from typing import Literal, Sequence
 
 import torch
 
+from pydantic import BaseModel
+
 from .comfy_call import AdvancedSampler
 from .errors import InvalidInput
 from .guidance import Denoiser, _batch
 from .masks import check_mask_fits, normalize_mask
 from .noise_sources import JobBatchRandomness
-from .two_sampler_loop import MAX_SEED, ProgressHook, StopHook, sample_two_samplers
+from .sampling_job import ProgressHook, SamplingJob, SamplingParams, StopHook
+from .two_sampler_loop import sample_job
 
 FORWARDS = ("fused", "per_job")
-
-
-@dataclass
-class BatchJob:
-    """One job of a batch: the arguments `sample_two_samplers` takes for it alone."""
-
-    latent: torch.Tensor  # [b, C, H, W], raw latent space; b may differ between jobs
-    mask: torch.Tensor  # [h, w], [1 or b, h, w] or [1 or b, 1, h, w]
-    base: AdvancedSampler
-    mask_sampler: AdvancedSampler
-    seed: int
-    steps: int
-    denoise: float = 1.0
-    overlap_factor: int = 10
-    mode: str = "comfy"
 
 
 @dataclass(frozen=True)
@@ -92,18 +80,18 @@ class BatchKey:
 
     base: SamplerKey
     mask_sampler: SamplerKey
-    steps: int
-    denoise: float
-    overlap_factor: int
-    mode: str
+    params: SamplingParams  # the job's params but its seed (a new param must be equal to batch, by default)
     latent_shape: tuple[int, ...]  # [C, H, W]
     latent_dtype: torch.dtype
     device: torch.device
     mask_shape: tuple[int, int]  # the mask's [h, w] (any resolution, but the same for all)
 
 
-def batch_key(job: BatchJob, field: str = "job") -> BatchKey:
-    """The key under which `job` batches; InvalidInput (naming `field`) for a malformed job."""
+def batch_key(job: SamplingJob, field: str = "job") -> BatchKey | None:
+    """The key under which `job` batches, None when it runs alone (a cropped mask sampler works
+    on the job's own box, which a batch cannot share); InvalidInput (naming `field`) for a malformed job."""
+    if job.params.crop_margin is not None:
+        return None
     if job.latent.ndim != 4:
         raise InvalidInput(f"{field}.latent", f"expected shape [B, C, H, W], got {list(job.latent.shape)}")
     if job.mask.ndim not in (2, 3, 4):
@@ -111,10 +99,7 @@ def batch_key(job: BatchJob, field: str = "job") -> BatchKey:
     return BatchKey(
         base=SamplerKey.of(job.base),
         mask_sampler=SamplerKey.of(job.mask_sampler),
-        steps=int(job.steps),
-        denoise=float(job.denoise),
-        overlap_factor=int(job.overlap_factor),
-        mode=job.mode,
+        params=job.params.model_copy(update={"seed": 0}),
         latent_shape=tuple(job.latent.shape[1:]),
         latent_dtype=job.latent.dtype,
         device=job.latent.device,
@@ -122,29 +107,38 @@ def batch_key(job: BatchJob, field: str = "job") -> BatchKey:
     )
 
 
+def _fields(value) -> list[tuple[str, object, bool]]:
+    """(name, value, whether it is named under its parent) of a key's parts; params' fields stand alone."""
+    if isinstance(value, BaseModel):
+        return [(name, getattr(value, name), False) for name in type(value).model_fields]
+    return [(f.name, getattr(value, f.name), not isinstance(getattr(value, f.name), BaseModel))
+            for f in dataclasses.fields(value)]
+
+
 def _first_difference(a, b, prefix: str = "") -> str:
-    for f in dataclasses.fields(a):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if dataclasses.is_dataclass(x):
-            found = _first_difference(x, y, f"{prefix}{f.name}.")
+    for (name, x, _), (_, y, named) in zip(_fields(a), _fields(b)):
+        if dataclasses.is_dataclass(x) or isinstance(x, BaseModel):
+            found = _first_difference(x, y, f"{prefix}{name}." if named else prefix)
             if found:
                 return found
         elif x != y:
             shown = (f"{type(x).__name__} object {id(x):#x}", f"{type(y).__name__} object {id(y):#x}") \
-                if f.name == "denoiser" else (repr(x), repr(y))
-            return f"{prefix}{f.name} is {shown[1]}, not {shown[0]} as in items[0]"
+                if name == "denoiser" else (repr(x), repr(y))
+            return f"{prefix}{name} is {shown[1]}, not {shown[0]} as in items[0]"
     return ""
 
 
-def check_batchable(items: Sequence[BatchJob]) -> BatchKey:
+def check_batchable(items: Sequence[SamplingJob]) -> BatchKey:
     """The items' common key; InvalidInput naming the first item and field that differ."""
     if not items:
         raise InvalidInput("items", "a batch needs at least one job")
     keys = [batch_key(item, f"items[{i}]") for i, item in enumerate(items)]
-    for i, key in enumerate(keys[1:], start=1):
+    for i, key in enumerate(keys):
+        if key is None:
+            raise InvalidInput(f"items[{i}].crop_margin", "a job with a crop margin runs alone, not in a batch")
         if key != keys[0]:
             raise InvalidInput(f"items[{i}]", f"cannot be batched with items[0]: {_first_difference(keys[0], key)}")
-    return keys[0]
+    return keys[0]  # type: ignore[return-value]
 
 
 class PerJobForward:
@@ -221,7 +215,7 @@ def _batched_sampler(samplers: list[AdvancedSampler], rows: list[int], forward: 
 
 
 def sample_job_batch(
-    items: Sequence[BatchJob],
+    items: Sequence[SamplingJob],
     *,
     forward: Literal["fused", "per_job"] = "fused",
     on_progress: ProgressHook | None = None,
@@ -244,8 +238,6 @@ def sample_job_batch(
         field = f"items[{i}]"
         if not torch.is_floating_point(item.latent) or not torch.isfinite(item.latent).all():
             raise InvalidInput(f"{field}.latent", "must be floating point with finite values")
-        if not 0 <= item.seed <= MAX_SEED:
-            raise InvalidInput(f"{field}.seed", f"must be in 0..{MAX_SEED}")
         try:
             mask = normalize_mask(item.mask, b)
             check_mask_fits(mask, item.latent.shape)
@@ -254,18 +246,13 @@ def sample_job_batch(
         rows.append(b)
         masks.append(mask.expand(b, -1, -1))
     wrappers: dict[int, Denoiser] = {}
-    out = sample_two_samplers(
+    batch = SamplingJob(
         torch.cat([item.latent for item in items]),
         torch.cat(masks).to(key.device),
         _batched_sampler([item.base for item in items], rows, forward, wrappers),
         _batched_sampler([item.mask_sampler for item in items], rows, forward, wrappers),
-        seed=items[0].seed,  # validated; the draws come from `randomness`, one seed per job
-        steps=key.steps,
-        denoise=key.denoise,
-        overlap_factor=key.overlap_factor,
-        mode=key.mode,
-        on_progress=on_progress,
-        should_stop=should_stop,
-        randomness=JobBatchRandomness.of([item.seed for item in items], rows),
+        key.params,  # its seed is unused: the draws come from `randomness`, one seed per job
     )
+    out = sample_job(batch, on_progress=on_progress, should_stop=should_stop,
+                     randomness=JobBatchRandomness.of([item.params.seed for item in items], rows))
     return [part.clone() for part in out.split(rows)]

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InvalidInput
 
 MIN_CROP_SIZE = 16
 MAX_CROP_MARGIN = 10000
@@ -54,16 +53,6 @@ class CropBox:
         out = full.clone()
         self._view(out).copy_(cropped)
         return out
-
-
-def check_crop_margin(margin: int | None) -> None:
-    """Refuse a margin that is not a whole number of latent pixels in 0..MAX_CROP_MARGIN (None: no crop)."""
-    if margin is None:
-        return
-    if isinstance(margin, bool) or not isinstance(margin, int):
-        raise InvalidInput("crop_margin", f"must be a whole number of latent pixels or None, got {margin!r}")
-    if not 0 <= margin <= MAX_CROP_MARGIN:
-        raise InvalidInput("crop_margin", f"must be in 0..{MAX_CROP_MARGIN} (latent pixels), got {margin}")
 
 
 def crop_size(needed: int) -> int:
@@ -102,7 +91,6 @@ def crop_box(grown_mask: torch.Tensor, margin: int) -> CropBox | None:
     box covers the whole latent or the mask is empty: an empty region's model is never
     consulted, so there is nothing to save, and full frame keeps the job as it is uncropped.
     """
-    check_crop_margin(margin)
     present = (grown_mask != 0).reshape(-1, *grown_mask.shape[-2:]).any(0)
     if not present.any():
         return None

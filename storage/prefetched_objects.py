@@ -11,24 +11,26 @@ then refuses it with the usual message).
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Iterator, Mapping
 
-_served: dict[str, bytes] = {}
+# Per context (thread), so the job threads of a pipelined worker each see only their own job's objects.
+_served: ContextVar[Mapping[str, bytes]] = ContextVar("maskfleet_served_objects", default={})
 
 
 @contextmanager
 def serving(objects: Mapping[str, bytes]) -> Iterator[None]:
-    """Serve `objects` (S3 URI -> bytes) to `read_object` for the duration of the block."""
-    _served.update(objects)
+    """Serve `objects` (S3 URI -> bytes) to `read_object` in this thread for the duration of the block."""
+    token = _served.set(dict(objects))
     try:
         yield
     finally:
-        _served.clear()
+        _served.reset(token)
 
 
 def served(uri: object, max_bytes: int) -> bytes | None:
     """The bytes read ahead for `uri`, or None when there are none (or they exceed `max_bytes`)."""
-    data = _served.get(uri) if isinstance(uri, str) else None
+    data = _served.get().get(uri) if isinstance(uri, str) else None
     if data is None or len(data) > max_bytes:
         return None
     return data

@@ -13,6 +13,8 @@ from typing import Any, Callable, NoReturn
 
 from celery.exceptions import Ignore
 
+from ..sampling.errors import SamplingStopped
+from .lifecycle import Concern, TaskRun
 from .redis_keys import cancel_key, connection, ttl
 
 CANCELLED = "cancelled"
@@ -35,3 +37,16 @@ def end_cancelled(task: Any) -> NoReturn:
     """Store REVOKED for the running task and tell Celery not to record anything else."""
     task.backend.mark_as_revoked(task.request.id, CANCELLED, request=task.request)
     raise Ignore()
+
+
+class Cancellation(Concern):
+    """A job cancelled before it starts ends REVOKED at once; a running one at its next sampler call."""
+
+    def before(self, run: TaskRun) -> None:
+        if cancel_requested(run.task_id):
+            end_cancelled(run.task)
+        run.stops.append(stop_hook(run.task_id))
+
+    def failed(self, run: TaskRun, error: Exception) -> None:
+        if isinstance(error, SamplingStopped):
+            end_cancelled(run.task)

@@ -22,6 +22,7 @@ from typing import Any
 from celery.signals import task_postrun
 
 from .errors import PoisonJob
+from .lifecycle import Concern, TaskRun
 from .redis_keys import connection, deliveries_key, ttl
 from .settings import TASK_NAME
 
@@ -48,3 +49,10 @@ def check_not_poison(task_id: str, max_deliveries: int) -> None:
 def _ended_normally(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
     if getattr(sender, "name", None) == TASK_NAME and task_id:
         connection().delete(deliveries_key(task_id))
+
+
+class PoisonCheck(Concern):
+    """Before anything else: count this delivery, fail a poison job without running it."""
+
+    def before(self, run: TaskRun) -> None:
+        check_not_poison(run.task_id, run.settings.max_deliveries)

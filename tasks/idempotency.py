@@ -17,6 +17,7 @@ from celery.signals import task_success
 
 from ..job import Job, JobError, parse_job
 from .errors import InvalidJob
+from .lifecycle import Concern, TaskRun
 from .redis_keys import connection, done_key, submitted_key, ttl
 from .settings import TASK_NAME
 
@@ -58,3 +59,10 @@ def _on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
     except (JobError, IndexError, TypeError):
         return
     record_finished(job, result)
+
+
+class FinishedBefore(Concern):
+    """A job id that already succeeded with this document returns its stored result, not sampled again."""
+
+    def before(self, run: TaskRun) -> dict | None:
+        return finished_result(run.job)  # type: ignore[arg-type]

@@ -39,6 +39,7 @@ from ..storage.errors import InvalidFile
 from ..storage.objects import is_s3_uri, read_object
 from ..storage.prefetched_objects import serving
 from .leases import held_requests
+from .lifecycle import Concern, TaskRun
 from .settings import TASK_NAME, load_settings
 
 log = logging.getLogger(__name__)
@@ -173,3 +174,10 @@ def _stop(**_: Any) -> None:
     if _root is not None:
         shutil.rmtree(_root, ignore_errors=True)
     _root, _reader = None, None
+
+
+class PrefetchedInputs(Concern):
+    """Around the job: its inputs read ahead, if any, served to the storage readers."""
+
+    def around(self, run: TaskRun) -> ContextManager[None]:
+        return served_inputs(run.task_id)

@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import gc
 import resource
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
 from ..settings import load_settings, variable
+from .errors import JobOutOfMemory
+from .lifecycle import Concern, TaskRun
+from .worker_pipeline import current_pipeline
 
 LIMIT_ENV = variable("memory_limit_mb")
 _MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")
@@ -65,3 +70,27 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _device() -> torch.device:
+    pipeline = current_pipeline()
+    return pipeline.device if pipeline is not None else torch.device("cpu")
+
+
+class OutOfMemory(Concern):
+    """An out-of-memory error becomes JobOutOfMemory (not retried); the device is freed for the next job."""
+
+    def failed(self, run: TaskRun, error: Exception) -> Exception | None:
+        if not is_out_of_memory(error):
+            return None
+        return JobOutOfMemory(describe(error, _device(), run.settings.memory_limit_mb))
+
+    @contextmanager
+    def around(self, run: TaskRun) -> Iterator[None]:
+        try:
+            yield
+        except JobOutOfMemory:
+            # Raised by the lifecycle outside the except block of the original error, whose
+            # traceback (holding the job's tensors) is gone by now: they can be collected.
+            free_memory(_device())
+            raise

@@ -22,7 +22,7 @@ Metrics (all ``maskfleet_``-prefixed; only the task ``maskfleet.sample`` is coun
 - ``maskfleet_sampling_steps_per_second``: gauge, the last job's ``steps / seconds.sampling``
   from its result (a result returned again for a finished job_id is not counted).
 - ``maskfleet_model_loads_total``, ``maskfleet_model_cache_hits_total``,
-  ``maskfleet_model_load_seconds_total``: the JobRunner's LoadedModels counters (a load
+  ``maskfleet_model_load_seconds_total``: the JobPipeline's LoadedModels counters (a load
   that failed counts as a load), read at scrape time.
 - ``maskfleet_gpu_memory_allocated_bytes{device}`` / ``..._reserved_bytes{device}``: torch's
   CUDA allocator, only where ``torch.cuda.is_available()``; absent on CPU workers.
@@ -47,6 +47,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .settings import TASK_NAME, load_settings
+from .worker_pipeline import current_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,8 @@ class RunnerCollector(Collector):
 
 
 def _loaded_models() -> Any:
-    sample_task = sys.modules.get("maskfleet.tasks.sample_task")
-    current = getattr(sample_task, "_runner", None)
-    if current is None or current[0] != os.getpid():
-        return None
-    return current[1].models
+    pipeline = current_pipeline()
+    return pipeline.models if pipeline is not None else None
 
 
 def _gpu_memory() -> Iterator:

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Callable
+from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from ..model_lane import ModelLane
 from ..prepared_job import sample_batch
+from ..sampling import StopHook
+from .lifecycle import Concern, TaskRun
 from .settings import Settings
 
 
@@ -49,15 +51,28 @@ def model_lane(settings: Settings) -> ModelLane | None:
     return ModelLane(partial(sample_batch, forward=settings.batch_forward), max_batch=settings.batch_jobs)
 
 
-def within_time_limit(should_stop: Callable[[], bool], soft_seconds: float | None) -> Callable[[], bool]:
-    """`should_stop`, raising SoftTimeLimitExceeded once `soft_seconds` have passed since now."""
-    if not soft_seconds:
-        return should_stop
+def soft_seconds(task: Any) -> float | None:
+    """The running job's soft time limit: its own (sent with the job) or the worker's."""
+    limits = getattr(task.request, "timelimit", None) or (None, None)
+    return limits[1] or task.app.conf.task_soft_time_limit
+
+
+def time_limit_check(soft_seconds: float) -> StopHook:
+    """A stop check that raises SoftTimeLimitExceeded once `soft_seconds` have passed since now."""
     deadline = time.monotonic() + soft_seconds
 
     def check() -> bool:
         if time.monotonic() > deadline:
             raise SoftTimeLimitExceeded(f"soft time limit ({soft_seconds:g} s) exceeded")
-        return should_stop()
+        return False
 
     return check
+
+
+class ThreadTimeLimit(Concern):
+    """Pipelined workers only: no signal can stop a thread, so the soft limit is checked between sampler calls."""
+
+    def before(self, run: TaskRun) -> None:
+        soft = soft_seconds(run.task)
+        if run.settings.pipeline and soft:
+            run.stops.append(time_limit_check(soft))

@@ -12,6 +12,8 @@ import logging
 import time
 from typing import Any, Callable
 
+from .lifecycle import Concern, TaskRun
+
 log = logging.getLogger(__name__)
 
 Publish = Callable[[int, int, str], None]
@@ -63,3 +65,10 @@ def task_progress(task: Any, min_interval: float = 0.25) -> Throttle:
                 log.exception("progress subscriber %r failed", subscriber)
 
     return Throttle(publish, min_interval)
+
+
+class TaskProgress(Concern):
+    """The sampling loop's progress hook: this task's throttled PROGRESS state (and its subscribers)."""
+
+    def before(self, run: TaskRun) -> None:
+        run.on_progress = task_progress(run.task)

@@ -45,6 +45,7 @@ from pydantic import ValidationError
 from ..job import Callback, Job
 from .callback_policy import check_callback_url
 from .errors import InvalidJob
+from .lifecycle import Concern, TaskRun
 from .progress import subscribe
 from .settings import TASK_NAME
 from .webhooks import WebhookSender, retry_options_from_env
@@ -175,3 +176,10 @@ def _flush(**_: Any) -> None:
         current = _sender[1] if _sender is not None and _sender[0] == os.getpid() else None
     if current is not None and not current.close(FLUSH_SECONDS):
         log.warning("webhooks still queued after %.0f s at shutdown were dropped", FLUSH_SECONDS)
+
+
+class StartAnnouncement(Concern):
+    """The job's callback checked on this worker, then its `started` webhook."""
+
+    def before(self, run: TaskRun) -> None:
+        announce_start(run.task, run.job)  # type: ignore[arg-type]

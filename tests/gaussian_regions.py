@@ -78,7 +78,7 @@ from maskfleet.sampling.masks import grow_mask
 from maskfleet.sampling.noise_sources import JobRandomness
 from maskfleet.sampling.samplers import SAMPLERS, StepContext
 from maskfleet.sampling.schedulers import schedule_for
-from maskfleet.sampling.two_sampler_loop import plan_steps
+from maskfleet.sampling import plan_steps
 
 try:  # real UniPC (multistep), for the sampler-alone reference
     from maskfleet.sampling.unipc_multistep import unipc_bh2_step, unipc_step
@@ -217,7 +217,7 @@ def reference_call(sampler_name: str, scheduler: str, denoise: float, steps: int
     range with history kept, on half the latent's width, the engine's noise draws; rows 0..N-1 with
     conditioning mu_A, rows N..2N-1 with mu_B (the denoiser reads mu per row).
 
-    Not `advanced_call`: for the SDE and uni_pc samplers that adds Impact Pack's recovery pass
+    Not `comfy_call.OneCall`: for the SDE and uni_pc samplers that adds Impact Pack's recovery pass
     (re-noise the result and run the step range again with an ODE sampler), which is not the
     sampler's own behaviour. For uni_pc and uni_pc_bh2 the table's step is ComfyUI's
     degenerate one-step form (a rescale, what the original's two-sigma calls run); the sampler

@@ -48,7 +48,7 @@ from maskfleet.cli import main
 from maskfleet.client import JobFailed, JobHandle, _app, submit
 from maskfleet.job import MAX_JOB_BYTES, JobError
 from maskfleet.sampling import AdvancedSampler
-from maskfleet.sampling.comfy_call import JobRandomness, RegionMask, ScheduleCache, advanced_call
+from maskfleet.sampling.comfy_call import CallSpan, JobRandomness, OneCall, RegionMask, ScheduleCache
 from maskfleet.model_dirs import load_unet_denoiser
 from maskfleet.storage.file_uris import DEFAULT_MAX_INPUT_BYTES
 from maskfleet.storage.mask_files import decode_mask
@@ -585,7 +585,8 @@ def _plain_run(inputs: Inputs, which: str, cfg: float, scheduler: str) -> torch.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the worker (MASKFLEET_TORCH_THREADS=1): the same kernels, the same rounding
     try:
-        return advanced_call(sampler, x, whole, 2, 0, 2, True, False, JobRandomness(7), ScheduleCache()) / den.latent_scale
+        span = CallSpan(steps=2, start=0, end=2, add_noise=True, leftover=False)
+        return OneCall(sampler, whole, span, JobRandomness(7), ScheduleCache()).run(x) / den.latent_scale
     finally:
         torch.set_num_threads(threads)
 

@@ -134,7 +134,7 @@ def retry_log_lines(fleet, job: dict, marker: str = "retry: Retry in") -> list[s
     return [line for line in log.splitlines() if job["job_id"] in line and marker in line]
 
 
-WRITE_RETRY = "not sampling again"  # write_with_retries' log line
+WRITE_RETRY = "not sampling again"  # JobPipeline.write's log line
 
 
 # --- transient faults: the job succeeds with the fault-free output ---

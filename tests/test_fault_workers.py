@@ -25,7 +25,7 @@ from webhook_receiver import SECRET, Receiver, clear_proxies
 
 from maskfleet.client import JobFailed, JobHandle, _app, submit
 from maskfleet.job import parse_job
-from maskfleet.local_run import RunOptions, run_job
+from maskfleet.job_pipeline import RunOptions, run_job
 from maskfleet.tasks.leases import UNACKED_INDEX_KEY
 from maskfleet.tasks.settings import model_queue
 from fleet_workers import Worker, claim_db_url, flush, require_redis, wait_for

@@ -14,7 +14,7 @@ from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
 
 from maskfleet.client import JobFailed, JobHandle, _app, submit
 from maskfleet.job import parse_job
-from maskfleet.local_run import RunOptions, run_job
+from maskfleet.job_pipeline import RunOptions, run_job
 from maskfleet.tasks.settings import TASK_NAME, model_queue
 from fleet_workers import Worker, claim_db_url, flush, require_redis
 
@@ -57,7 +57,7 @@ def wait_state(handle: JobHandle, states: set[str], timeout: float = 60.0) -> di
     raise AssertionError(f"{handle.task_id} still {handle.status()} after {timeout} s")
 
 
-def test_end_to_end_progress_success_and_same_output_as_local_run(fleet):
+def test_end_to_end_progress_success_and_same_output_as_maskfleet_run(fleet):
     job = make_job(fleet, "e2e")
     handle = submit(job, broker_url=fleet["url"])
     assert handle.task_id == job["job_id"]

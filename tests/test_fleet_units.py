@@ -87,54 +87,48 @@ def test_a_job_that_cannot_reach_redis_is_handed_back_not_failed(monkeypatch):
     monkeypatch.setattr(redis_keys, "_client", None)
 
 
-class FlakyRunner:
-    """A runner whose output write fails `failures` times with StorageUnavailable, then succeeds."""
+def flaky_pipeline(monkeypatch, failures: int, retries: int):
+    """A JobPipeline whose output write fails `failures` times with StorageUnavailable, then succeeds;
+    the waits between attempts recorded instead of slept."""
+    from maskfleet import job_pipeline
+    from maskfleet.storage.errors import StorageUnavailable
 
-    def __init__(self, failures: int):
-        self.failures, self.calls = failures, 0
+    class FlakyPipeline(job_pipeline.JobPipeline):
+        def __init__(self):  # no models, no device: only the write path is exercised
+            self.write_retries, self.calls = retries, 0
 
-    def finish(self, prepared, out) -> dict:
-        from maskfleet.storage.errors import StorageUnavailable
+        def finish(self, prepared, out) -> dict:
+            self.calls += 1
+            if self.calls <= failures:
+                raise StorageUnavailable("output", "S3 error SlowDown (HTTP 503), after retries")
+            return {"written": self.calls}
 
-        self.calls += 1
-        if self.calls <= self.failures:
-            raise StorageUnavailable("output", "S3 error SlowDown (HTTP 503), after retries")
-        return {"written": self.calls}
-
-
-def flaky_store(monkeypatch, failures: int) -> tuple[FlakyRunner, list[float]]:
-    """The process's runner replaced by a FlakyRunner; the waits between attempts recorded instead of slept."""
-    from maskfleet.tasks import sample_task
-
-    flaky, waits = FlakyRunner(failures), []
-    monkeypatch.setattr(sample_task, "runner", lambda: flaky)
-    monkeypatch.setattr(sample_task.time, "sleep", waits.append)
-    return flaky, waits
+    waits: list[float] = []
+    monkeypatch.setattr(job_pipeline.time, "sleep", waits.append)
+    return FlakyPipeline(), waits
 
 
-def write(retries: int, should_stop=lambda: False) -> dict:
+def write(flaky, should_stop=lambda: False) -> dict:
     from types import SimpleNamespace
 
-    from maskfleet.tasks.sample_task import write_with_retries
-
-    task = SimpleNamespace(request=SimpleNamespace(id="write-retry"))
-    return write_with_retries(task, None, None, retries, should_stop)
+    prepared = SimpleNamespace(job=SimpleNamespace(job_id="write-retry", output="s3://b/out.latent"))
+    return flaky.write(prepared, None, should_stop)
 
 
 def test_output_write_is_retried_alone_with_the_tasks_backoff(monkeypatch):
-    flaky, waits = flaky_store(monkeypatch, failures=2)
-    assert write(retries=3) == {"written": 3}
+    flaky, waits = flaky_pipeline(monkeypatch, failures=2, retries=3)
+    assert write(flaky) == {"written": 3}
     assert flaky.calls == 3 and len(waits) == 2
     assert 1 <= waits[0] <= 2 and 2 <= waits[1] <= 4  # storage_retry_countdown(0), (1)
 
 
 def test_output_write_gives_up_after_its_retries_with_the_storage_error(monkeypatch):
     from maskfleet.storage.errors import StorageUnavailable
-    from maskfleet.tasks.sample_task import OutputWriteFailed
+    from maskfleet.job_pipeline import OutputWriteFailed
 
-    flaky, _ = flaky_store(monkeypatch, failures=10)
+    flaky, _ = flaky_pipeline(monkeypatch, failures=10, retries=2)
     with pytest.raises(OutputWriteFailed) as failed:
-        write(retries=2)
+        write(flaky)
     assert isinstance(failed.value.error, StorageUnavailable) and str(failed.value).startswith("output: ")
     assert flaky.calls == 3
 
@@ -142,7 +136,7 @@ def test_output_write_gives_up_after_its_retries_with_the_storage_error(monkeypa
 def test_cancelling_between_write_attempts_stops_without_writing_again(monkeypatch):
     from maskfleet.sampling.errors import SamplingStopped
 
-    flaky, _ = flaky_store(monkeypatch, failures=10)
+    flaky, _ = flaky_pipeline(monkeypatch, failures=10, retries=5)
     with pytest.raises(SamplingStopped):
-        write(retries=5, should_stop=lambda: True)
+        write(flaky, should_stop=lambda: True)
     assert flaky.calls == 1

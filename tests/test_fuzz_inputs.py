@@ -30,11 +30,11 @@ from safetensors.torch import save
 
 from fuzz_limits import memory_cap
 from maskfleet.job import Job, JobError, parse_job
-from maskfleet.local_run import check_job_uris
+from maskfleet.job_checks import check_job_uris
 from maskfleet.sampling import SAMPLERS, SCHEDULERS
 from maskfleet.sampling.coherent_loop import coherent_refusal
 from maskfleet.sampling.errors import InvalidInput
-from maskfleet.sampling.two_sampler_loop import MAX_STEPS, plan_steps
+from maskfleet.sampling.sampling_job import MAX_STEPS, plan_steps
 from maskfleet.storage.conditioning_files import decode_conditioning_with_pooled
 from maskfleet.storage.errors import InvalidFile
 from maskfleet.storage.latent_files import decode_latent

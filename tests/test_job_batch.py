@@ -16,8 +16,8 @@ import torch
 
 from analytic_denoiser import GaussianDenoiser
 from golden_jobs import TINY_UNET
-from maskfleet.sampling import AdvancedSampler, InvalidInput, SamplingStopped, sample_two_samplers
-from maskfleet.sampling.job_batch import BatchJob, batch_key, sample_job_batch
+from maskfleet.sampling import AdvancedSampler, InvalidInput, SamplingJob, SamplingParams, SamplingStopped, sample_job
+from maskfleet.sampling.job_batch import batch_key, sample_job_batch
 from maskfleet.sampling.noise_sources import JobBatchRandomness, JobRandomness
 from maskfleet.model_dirs import load_unet_denoiser
 
@@ -46,7 +46,7 @@ def blob_mask(g: torch.Generator, res: int = 8 * SIZE) -> torch.Tensor:
     return (radius + 4 - dist).clamp(0, 4)[None] / 4
 
 
-def make_jobs(den, n: int, names: tuple[str, str], width: int = 32, cfg=(7.0, 4.0), mode: str = "comfy") -> list[BatchJob]:
+def make_jobs(den, n: int, names: tuple[str, str], width: int = 32, cfg=(7.0, 4.0), mode: str = "comfy") -> list[SamplingJob]:
     """n jobs differing in seed, latent, mask and conditioning; job 1 has a latent batch of 2
     with a batch-1 positive and a batch-2 negative (guidance repeats them to its rows).
     Coherent jobs run both samplers on karras (the mode wants one schedule)."""
@@ -58,7 +58,7 @@ def make_jobs(den, n: int, names: tuple[str, str], width: int = 32, cfg=(7.0, 4.
         def cond(batch=1):
             return torch.randn(batch, 77, width, generator=g)
 
-        jobs.append(BatchJob(
+        jobs.append(SamplingJob.of(
             latent=torch.randn(b, 4, SIZE, SIZE, generator=g),
             mask=blob_mask(g),
             base=AdvancedSampler(den, cfg[0], names[0], "karras", cond(), cond(b)),
@@ -71,12 +71,11 @@ def make_jobs(den, n: int, names: tuple[str, str], width: int = 32, cfg=(7.0, 4.
     return jobs
 
 
-def run_alone(job: BatchJob) -> torch.Tensor:
-    return sample_two_samplers(job.latent, job.mask, job.base, job.mask_sampler, seed=job.seed, steps=job.steps,
-                               denoise=job.denoise, overlap_factor=job.overlap_factor, mode=job.mode)
+def run_alone(job: SamplingJob) -> torch.Tensor:
+    return sample_job(job)
 
 
-def assert_bitwise(batched: list[torch.Tensor], jobs: list[BatchJob]) -> None:
+def assert_bitwise(batched: list[torch.Tensor], jobs: list[SamplingJob]) -> None:
     assert len(batched) == len(jobs)
     for i, (out, job) in enumerate(zip(batched, jobs)):
         alone = run_alone(job)
@@ -178,7 +177,11 @@ def test_hooks_see_the_batch_as_one_job():
     assert len(seen) == 2 * STEPS + 3
 
 
-def _changed(job: BatchJob, **changes) -> BatchJob:
+def _changed(job: SamplingJob, **changes) -> SamplingJob:
+    """`job` with tensors, samplers or params changed (params validated again)."""
+    params = {k: changes.pop(k) for k in list(changes) if k in SamplingParams.model_fields}
+    if params:
+        changes["params"] = SamplingParams.checked(**{**job.params.model_dump(), **params})
     return dataclasses.replace(job, **changes)
 
 
@@ -211,7 +214,6 @@ def test_incompatible_items_are_refused_naming_item_and_field(change, field):
 
 
 @pytest.mark.parametrize("bad, field", [
-    ({"seed": -1}, "items[1].seed"),
     ({"mask": torch.zeros(3, 8 * SIZE, 8 * SIZE)}, "items[1].mask"),
     ({"latent": torch.full((1, 4, SIZE, SIZE), float("nan"))}, "items[1].latent"),
 ])
@@ -223,3 +225,20 @@ def test_a_bad_item_is_named(bad, field):
     assert err.value.field == field
     with pytest.raises(InvalidInput, match="items"):
         sample_job_batch([])
+
+
+def test_a_bad_seed_cannot_make_an_item():
+    """Params are checked once, when the item is made (SamplingParams), not again by the batch."""
+    jobs = make_jobs(GaussianDenoiser(), 2, ("euler", "euler"), width=8)
+    with pytest.raises(InvalidInput) as err:
+        _changed(jobs[1], seed=-1)
+    assert err.value.field == "seed"
+
+
+def test_a_cropped_job_runs_alone():
+    jobs = make_jobs(GaussianDenoiser(), 2, ("euler", "euler"), width=8)
+    jobs[1] = _changed(jobs[1], crop_margin=2)
+    assert batch_key(jobs[1]) is None
+    with pytest.raises(InvalidInput) as err:
+        sample_job_batch(jobs)
+    assert err.value.field == "items[1].crop_margin"

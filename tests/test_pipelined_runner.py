@@ -1,4 +1,4 @@
-"""JobRunner with a model lane, in process: jobs from several threads, batched across jobs or not.
+"""JobPipeline with a model lane, in process: jobs from several threads, batched across jobs or not.
 
 What the pipelined worker does with each job, minus Celery: prepare in the job's thread,
 sample in the lane (batched when the jobs agree), write in the job's thread. Either batch
@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from tiny_jobs import job_from, output_path, write_tiny_inputs
 
 from maskfleet.job import parse_job
-from maskfleet.local_run import JobRunner, RunOptions
+from maskfleet.job_pipeline import JobPipeline, RunOptions
 from maskfleet.model_lane import ModelLane
 from maskfleet.prepared_job import sample_batch
 
@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
     template["steps"] = 3
     template["base_sampler"]["sampler_name"] = "euler_ancestral"  # each job's own noise stream matters
     options = RunOptions(str(make_models_dir(root)), "cpu")
-    alone = JobRunner(options)
+    alone = JobPipeline(options)
     reference = {}
     for seed in SEEDS:
         job = job_from(template, f"alone-{seed}", root / f"alone-{seed}.latent", seed=seed)

@@ -10,7 +10,7 @@ from typing import get_args
 
 import pytest
 
-from maskfleet.local_run import DTYPES
+from maskfleet.job_pipeline import DTYPES
 from maskfleet.sampling.job_batch import FORWARDS
 from maskfleet.settings import Settings, load_settings, settings_markdown, unknown_variables, variable
 

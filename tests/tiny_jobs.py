@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from maskfleet.job import parse_job
-from maskfleet.local_run import RunOptions, run_job
+from maskfleet.job_pipeline import RunOptions, run_job
 from maskfleet.tasks.settings import TASK_NAME
 
 SUCCEEDED = re.compile(rf"Task {re.escape(TASK_NAME)}\[([^\]]+)\] succeeded in [0-9.e-]+s: (.*)$", re.M)

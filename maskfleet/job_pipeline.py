@@ -1,17 +1,22 @@
-"""Run jobs in this process: what `maskfleet run` does, and what a worker will do per job.
+"""The job pipeline: one job from its validated document to its result, free of Celery.
 
-Data flows one way: job -> every URI checked (local outputs against the allowed roots
-too) -> models found (fetched into the cache if the store is S3) -> inputs read and
-checked, alone and against each other and the models' configs (mask shape against the
-latent, overlap against its size, latent channels and conditioning widths against each
-UNet's config.json) -> models loaded (kept in an LRU across jobs) -> sampling -> output
-written whole (temp file + rename locally, one PUT or a completed multipart upload on
-S3). Every input is read and checked before a model is loaded or anything is written,
-so a bad job fails fast, names the field to fix and leaves no output behind.
+inputs -> checks -> sampling -> output write (with its retry) -> result, in one call,
+`JobPipeline.run`: `maskfleet run`, the fleet's task and the embedded demo all call it.
+
+Data flows one way: every URI checked (local outputs against the allowed roots too) ->
+models found (fetched into the cache if the store is S3) -> inputs read and checked,
+alone and against each other and the models' configs (job_checks.py) -> models loaded
+(kept in an LRU across jobs) -> sampling (alone, or through the worker's model lane) ->
+output written whole (temp file + rename locally, one PUT or a completed multipart
+upload on S3). Every input is read and checked before a model is loaded or anything is
+written, so a bad job fails fast, names the field to fix and leaves no output behind.
+An output write that fails on a storage fault is retried alone (`RunOptions.write_retries`
+times): sampling again would redo the GPU's work for a fault of the store.
 """
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -20,31 +25,28 @@ from pathlib import Path
 import torch
 
 from .job import Job, PromptText
+from .job_checks import SAMPLER_FIELDS, check_inputs_fit, check_job_uris
 from .model_cache import LoadedModels
+from .model_dirs import load_unet_denoiser
 from .model_lane import ModelLane
 from .prepared_job import PreparedJob, batch_key
 from .prompt_encoder import PromptEncoder
-from .sampling import AdvancedSampler, ProgressHook, StopHook
-from .sampling.errors import InvalidInput
-from .sampling.masks import check_mask_fits, check_overlap
-from .model_dirs import load_unet_denoiser, unet_inputs
+from .sampling import AdvancedSampler, ProgressHook, SamplingJob, StopHook
+from .sampling.errors import InvalidInput, SamplingStopped
 from .sampling.unet_denoiser import UNetDenoiser
-from .storage.allowed_roots import confine
 from .storage.conditioning_files import read_conditioning
-from .storage.errors import InvalidFile
-from .storage.file_uris import local_path, resolve_path
+from .storage.errors import InvalidFile, StorageUnavailable
 from .storage.latent_files import encode_latent, read_latent
 from .storage.mask_files import read_mask
 from .storage.model_store import ModelStore
-from .storage.objects import check_uri, delete_object, is_s3_uri, object_name, write_object
+from .storage.objects import delete_object, object_name, write_object
 from .storage.preview_png import encode_preview_png
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-OUTPUT_SUFFIXES = (".latent", ".safetensors")
-SAMPLER_FIELDS = ("base_sampler", "mask_sampler")
 SDXL_LATENT_SCALE = 0.13025  # the VAE scaling factor that tells an SDXL latent (preview colours)
+STORAGE_BACKOFF_MAX = 300  # seconds, the longest wait between two attempts on storage faults
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class RunOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"
     model_cache_dir: Path | None = None  # where S3 models are downloaded (default: the store's)
+    write_retries: int = 0  # output writes retried alone on storage faults (the fleet: MASKFLEET_STORAGE_RETRIES)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -66,59 +69,24 @@ def resolve_device(device: str) -> torch.device:
         raise InvalidInput("device", f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
 
 
-def _same_object_key(uri: str, field: str) -> str:
-    """A key under which two URIs naming the same object compare equal."""
-    return uri if is_s3_uri(uri) else str(resolve_path(local_path(uri, field), field))
+def storage_retry_countdown(retries: int) -> float:
+    """Seconds before the next attempt after a storage fault: half of 2, 4, 8, ... (at most 300)
+    fixed, the other half jittered, so retries spread out yet the default 5 span at least 31 s
+    of outage (full jitter could wait 0 s every time and spend them all in a moment)."""
+    base = min(STORAGE_BACKOFF_MAX, 2 ** (retries + 1))
+    return base / 2 + random.uniform(0, base / 2)
 
 
-def check_job_uris(job: Job) -> None:
-    """Syntax of every URI, the output's suffix, and that no output would overwrite an input."""
-    inputs = job.input_uris()
-    for field, uri in inputs.items():
-        check_uri(uri, field)
-    outputs = {"output": job.output, **({"preview": job.preview} if job.preview else {})}
-    for field, uri in outputs.items():
-        check_uri(uri, field)
-    suffix = Path(object_name(job.output, "output")).suffix
-    if suffix not in OUTPUT_SUFFIXES:
-        raise InvalidInput("output", f"suffix must be one of {', '.join(OUTPUT_SUFFIXES)}, got {suffix or 'none'!r}")
-    if job.preview and Path(object_name(job.preview, "preview")).suffix.lower() != ".png":
-        raise InvalidInput("preview", "must name a .png object")
-    taken = {_same_object_key(uri, field) for field, uri in inputs.items()}
-    for field, uri in outputs.items():
-        if _same_object_key(uri, field) in taken:
-            raise InvalidInput(field, "would overwrite one of the job's inputs")
-    if job.preview and _same_object_key(job.preview, "preview") == _same_object_key(job.output, "output"):
-        raise InvalidInput("preview", "must differ from output")
-    for field, uri in outputs.items():  # a write outside MASKFLEET_ALLOWED_ROOTS fails now, not after sampling
-        if not is_s3_uri(uri):
-            confine(local_path(uri, field), field, writing=True)
+class OutputWriteFailed(StorageUnavailable):
+    """The output could not be written after the write's own retries: the job fails with `error`
+    (a fleet worker does not retry the task: the job was sampled, and sampling again would not help)."""
+
+    def __init__(self, error: StorageUnavailable):
+        super().__init__(error.field, error.reason)
+        self.error = error
 
 
-def check_inputs_fit(job: Job, latent: torch.Tensor, mask: torch.Tensor, cond: dict[str, torch.Tensor],
-                     model_dirs: dict[str, Path]) -> None:
-    """The inputs against each other and against each sampler's UNet config, before any model loads.
-
-    Each is valid alone by now; together they must make one job: a mask of the latent's
-    batch and aspect ratio, an overlap no larger than the latent, the latent channels
-    and conditioning width each UNet takes (read from its config.json, no weights).
-    """
-    _, channels, height, width = latent.shape
-    check_mask_fits(mask, latent.shape)
-    check_overlap(job.overlap_factor, height, width)
-    for field in SAMPLER_FIELDS:
-        model = getattr(job, field).model
-        takes = unet_inputs(model_dirs[field], f"{field}.model")
-        if channels != takes.in_channels:
-            raise InvalidInput("latent", f"has {channels} channels; {field}.model {model!r} takes {takes.in_channels}")
-        for kind in ("positive", "negative"):
-            name = f"{field}.{kind}"
-            got = cond[name].shape[-1]
-            if takes.context_width is not None and got != takes.context_width:
-                raise InvalidInput(name, f"is {got} wide (last dimension); {field}.model {model!r} takes {takes.context_width}")
-
-
-class JobRunner:
+class JobPipeline:
     """Runs jobs, keeping models and prompt encodings loaded between them.
 
     Alone, it runs a job start to end in the caller's thread. With a ModelLane (the
@@ -132,11 +100,17 @@ class JobRunner:
             raise InvalidInput("dtype", f"unknown dtype {options.dtype!r}; valid: {', '.join(DTYPES)}")
         self.device = resolve_device(options.device)
         self.dtype = DTYPES[options.dtype]
+        self.write_retries = options.write_retries
         self.store = ModelStore(options.models_root, options.model_cache_dir)
         self.models: LoadedModels[UNetDenoiser] = LoadedModels(device=self.device, dtype=self.dtype)
         self.prompts = PromptEncoder(self.device, self.dtype)
         self.lane = lane
         self._loading = threading.Lock()  # model store, model LRU and prompt encoder: one thread at a time
+
+    def run(self, job: Job, on_progress: ProgressHook | None = None, should_stop: StopHook | None = None) -> dict:
+        """Run `job` start to end and return a small JSON-able result (never tensors)."""
+        prepared, out = self.sampled(job, on_progress, should_stop)
+        return self.write(prepared, out, should_stop or (lambda: False))
 
     def _conditioning(self, value: str | PromptText, model_dir: Path, field: str) -> torch.Tensor:
         if isinstance(value, PromptText):
@@ -173,20 +147,13 @@ class JobRunner:
                 positive=cond[f"{field}.positive"],
                 negative=cond[f"{field}.negative"],
             )
-        return PreparedJob(job, latent.to(self.device), mask, samplers["base_sampler"], samplers["mask_sampler"],
-                           started, started_at)
-
-    def run(self, job: Job, on_progress: ProgressHook | None = None, should_stop: StopHook | None = None) -> dict:
-        """Run `job` and return a small JSON-able result (never tensors)."""
-        return self.finish(*self.sampled(job, on_progress, should_stop))
+        sampling = SamplingJob(latent.to(self.device), mask, samplers["base_sampler"], samplers["mask_sampler"],
+                               job.sampling_params())
+        return PreparedJob(job, sampling, started, started_at)
 
     def sampled(self, job: Job, on_progress: ProgressHook | None = None,
                 should_stop: StopHook | None = None) -> tuple[PreparedJob, torch.Tensor]:
-        """Prepare and sample `job`: everything before `finish` writes it (the sampled latent on the CPU).
-
-        Apart from `finish` so that a caller can retry the write alone (a fleet worker does,
-        on storage faults) instead of sampling the job again.
-        """
+        """Prepare and sample `job`: everything before its output is written (the sampled latent on the CPU)."""
         if self.lane is None:
             prepared = self.prepare(job)
             out = prepared.sample(on_progress, should_stop)
@@ -196,12 +163,30 @@ class JobRunner:
                 out = self.lane.run(prepared, batch_key(prepared), on_progress, should_stop, expected)
         return prepared, out.cpu()
 
+    def write(self, prepared: PreparedJob, out: torch.Tensor, should_stop: StopHook) -> dict:
+        """`finish`, retried alone on storage faults (`write_retries` times, `storage_retry_countdown`
+        apart; `should_stop` asked before each new attempt); then OutputWriteFailed."""
+        attempt = 0
+        while True:
+            try:
+                return self.finish(prepared, out)
+            except StorageUnavailable as e:
+                if attempt == self.write_retries:
+                    raise OutputWriteFailed(e) from None
+                wait = storage_retry_countdown(attempt)
+                attempt += 1
+                log.warning("job %s: output write failed (%s); writing again in %.1f s (retry %d of %d), not sampling again",
+                            prepared.job.job_id or prepared.job.output, e, wait, attempt, self.write_retries)
+            time.sleep(wait)
+            if should_stop():
+                raise SamplingStopped("stopped before writing the output again")
+
     def finish(self, prepared: PreparedJob, out: torch.Tensor) -> dict:
         """Check and write the sampled latent (and preview); the job's result."""
         job = prepared.job
         if not torch.isfinite(out).all():
             raise InvalidInput("output", "sampling produced NaN or infinite values; nothing was written")
-        family = "sdxl" if abs(prepared.base.denoiser.latent_scale - SDXL_LATENT_SCALE) < 1e-6 else "sd15"
+        family = "sdxl" if abs(prepared.sampling.base.denoiser.latent_scale - SDXL_LATENT_SCALE) < 1e-6 else "sd15"
         sha256 = self._write(job, out, family)
         return {
             "job_id": job.job_id,
@@ -241,5 +226,5 @@ class JobRunner:
 
 
 def run_job(job: Job, options: RunOptions, on_progress: ProgressHook | None = None) -> dict:
-    """Run one job with a fresh runner (the CLI's case)."""
-    return JobRunner(options).run(job, on_progress)
+    """Run one job with a fresh pipeline (the CLI's case)."""
+    return JobPipeline(options).run(job, on_progress)

@@ -1,0 +1,75 @@
+"""The checks a job's inputs get before any model loads: URIs, then the inputs against each other and the models.
+
+Each input is valid alone once its reader accepts it (storage/); these checks make sure
+the job as a whole can run: outputs that would not overwrite an input and lie inside
+MASKFLEET_ALLOWED_ROOTS, a mask of the latent's batch and aspect ratio, an overlap no
+larger than the latent, the channels and conditioning widths each UNet takes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .job import Job
+from .model_dirs import unet_inputs
+from .sampling.errors import InvalidInput
+from .sampling.masks import check_mask_fits, check_overlap
+from .storage.allowed_roots import confine
+from .storage.file_uris import local_path, resolve_path
+from .storage.objects import check_uri, is_s3_uri, object_name
+
+OUTPUT_SUFFIXES = (".latent", ".safetensors")
+SAMPLER_FIELDS = ("base_sampler", "mask_sampler")
+
+
+def _same_object_key(uri: str, field: str) -> str:
+    """A key under which two URIs naming the same object compare equal."""
+    return uri if is_s3_uri(uri) else str(resolve_path(local_path(uri, field), field))
+
+
+def check_job_uris(job: Job) -> None:
+    """Syntax of every URI, the output's suffix, and that no output would overwrite an input."""
+    inputs = job.input_uris()
+    for field, uri in inputs.items():
+        check_uri(uri, field)
+    outputs = {"output": job.output, **({"preview": job.preview} if job.preview else {})}
+    for field, uri in outputs.items():
+        check_uri(uri, field)
+    suffix = Path(object_name(job.output, "output")).suffix
+    if suffix not in OUTPUT_SUFFIXES:
+        raise InvalidInput("output", f"suffix must be one of {', '.join(OUTPUT_SUFFIXES)}, got {suffix or 'none'!r}")
+    if job.preview and Path(object_name(job.preview, "preview")).suffix.lower() != ".png":
+        raise InvalidInput("preview", "must name a .png object")
+    taken = {_same_object_key(uri, field) for field, uri in inputs.items()}
+    for field, uri in outputs.items():
+        if _same_object_key(uri, field) in taken:
+            raise InvalidInput(field, "would overwrite one of the job's inputs")
+    if job.preview and _same_object_key(job.preview, "preview") == _same_object_key(job.output, "output"):
+        raise InvalidInput("preview", "must differ from output")
+    for field, uri in outputs.items():  # a write outside MASKFLEET_ALLOWED_ROOTS fails now, not after sampling
+        if not is_s3_uri(uri):
+            confine(local_path(uri, field), field, writing=True)
+
+
+def check_inputs_fit(job: Job, latent: torch.Tensor, mask: torch.Tensor, cond: dict[str, torch.Tensor],
+                     model_dirs: dict[str, Path]) -> None:
+    """The inputs against each other and against each sampler's UNet config, before any model loads.
+
+    Each is valid alone by now; together they must make one job: a mask of the latent's
+    batch and aspect ratio, an overlap no larger than the latent, the latent channels
+    and conditioning width each UNet takes (read from its config.json, no weights).
+    """
+    _, channels, height, width = latent.shape
+    check_mask_fits(mask, latent.shape)
+    check_overlap(job.overlap_factor, height, width)
+    for field in SAMPLER_FIELDS:
+        model = getattr(job, field).model
+        takes = unet_inputs(model_dirs[field], f"{field}.model")
+        if channels != takes.in_channels:
+            raise InvalidInput("latent", f"has {channels} channels; {field}.model {model!r} takes {takes.in_channels}")
+        for kind in ("positive", "negative"):
+            name = f"{field}.{kind}"
+            got = cond[name].shape[-1]
+            if takes.context_width is not None and got != takes.context_width:
+                raise InvalidInput(name, f"is {got} wide (last dimension); {field}.model {model!r} takes {takes.context_width}")
