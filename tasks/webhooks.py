@@ -20,6 +20,10 @@ bad one is a clear configuration error naming the variable.
 Which URLs may be called is :mod:`callback_policy`'s business (checked when the job
 is submitted and when it runs); the sender does not follow redirects, so a receiver
 cannot send it somewhere the policy would have refused.
+
+Retries are our own loop, not urllib3's `Retry`: each attempt is signed with a fresh
+timestamp, a sender that closes must stop waiting at once, and one deadline bounds an
+event's attempts; urllib3 parses the receiver's Retry-After (seconds or HTTP-date).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
 from standardwebhooks import Webhook
+from urllib3.exceptions import InvalidHeader
+from urllib3.util.retry import Retry
 
 from ..settings import load_settings, variable
 
@@ -53,6 +59,7 @@ RETRY_KEYWORDS = ("max_attempts", "backoff", "deadline", "timeout")
 EVENT_TYPES = ("job.started", "job.progress", "job.succeeded", "job.failed", "job.cancelled")
 FINAL_EVENT_TYPES = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
 _STOP = object()
+_RETRY_AFTER = Retry(0)  # only its Retry-After parser (both forms); the retry loop is ours, see WebhookSender
 
 
 # --- signing -------------------------------------------------------------------------
@@ -340,10 +347,13 @@ class WebhookSender:
 
 
 def _retry_after(value: str | None) -> float | None:
+    """The receiver's Retry-After in seconds (delay-seconds or HTTP-date, parsed by urllib3), None when absent or malformed."""
+    if value is None:
+        return None
     try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None  # the HTTP-date form: use our own backoff
+        return _RETRY_AFTER.parse_retry_after(value)
+    except InvalidHeader:
+        return None  # use our own backoff
 
 
 def _destination(url: str) -> str:

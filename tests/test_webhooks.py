@@ -267,3 +267,16 @@ def test_public_address_is_allowed_and_unresolvable_host_refused():
     check_callback_url("http://[2606:4700:4700::1111]:8443/hook")
     with pytest.raises(ValueError, match="does not resolve"):
         check_callback_url("https://no-such-host.invalid/hook")
+
+
+def test_retry_after_is_read_in_both_forms():
+    """A receiver's Retry-After as seconds or as an HTTP date (urllib3's parser); anything else: our own backoff."""
+    from email.utils import formatdate
+
+    from maskfleet.tasks.webhooks import _retry_after
+
+    assert _retry_after("3") == 3
+    in_a_minute = _retry_after(formatdate(time.time() + 60, usegmt=True))
+    assert in_a_minute is not None and 55 <= in_a_minute <= 61
+    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0  # in the past: at once
+    assert _retry_after("soon") is None and _retry_after(None) is None
