@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .job import Job
-from .model_dirs import unet_inputs
+from .model_dirs import UNetInputs
 from .sampling.errors import InvalidInput
 from .sampling.masks import check_mask_fits, check_overlap
 from .storage.allowed_roots import confine
@@ -52,24 +52,42 @@ def check_job_uris(job: Job) -> None:
             confine(local_path(uri, field), field, writing=True)
 
 
-def check_inputs_fit(job: Job, latent: torch.Tensor, mask: torch.Tensor, cond: dict[str, torch.Tensor],
-                     model_dirs: dict[str, Path]) -> None:
+Embeds = tuple[torch.Tensor, "torch.Tensor | None"]  # (prompt embeddings [B, T, D], pooled [B, P] or None)
+
+
+def check_inputs_fit(job: Job, latent: torch.Tensor, mask: torch.Tensor, cond: dict[str, Embeds],
+                     takes: dict[str, UNetInputs]) -> None:
     """The inputs against each other and against each sampler's UNet config, before any model loads.
 
     Each is valid alone by now; together they must make one job: a mask of the latent's
-    batch and aspect ratio, an overlap no larger than the latent, the latent channels
-    and conditioning width each UNet takes (read from its config.json, no weights).
+    batch and aspect ratio, an overlap no larger than the latent, the latent channels,
+    conditioning width and (SDXL-style models) pooled width each UNet takes (read from
+    its config.json, no weights).
     """
     _, channels, height, width = latent.shape
     check_mask_fits(mask, latent.shape)
     check_overlap(job.overlap_factor, height, width)
+    base, inner = takes["base_sampler"].latent_scale, takes["mask_sampler"].latent_scale
+    if base != inner:
+        raise InvalidInput("mask_sampler.model", f"{job.mask_sampler.model!r} samples in another latent space than "
+                           f"base_sampler.model {job.base_sampler.model!r} (latent scale {inner:g}, not {base:g}): "
+                           "both samplers need models of one family")
     for field in SAMPLER_FIELDS:
         model = getattr(job, field).model
-        takes = unet_inputs(model_dirs[field], f"{field}.model")
-        if channels != takes.in_channels:
-            raise InvalidInput("latent", f"has {channels} channels; {field}.model {model!r} takes {takes.in_channels}")
+        unet = takes[field]
+        if channels != unet.in_channels:
+            raise InvalidInput("latent", f"has {channels} channels; {field}.model {model!r} takes {unet.in_channels}")
         for kind in ("positive", "negative"):
             name = f"{field}.{kind}"
-            got = cond[name].shape[-1]
-            if takes.context_width is not None and got != takes.context_width:
-                raise InvalidInput(name, f"is {got} wide (last dimension); {field}.model {model!r} takes {takes.context_width}")
+            embeds, pooled = cond[name]
+            got = embeds.shape[-1]
+            if unet.context_width is not None and got != unet.context_width:
+                raise InvalidInput(name, f"is {got} wide (last dimension); {field}.model {model!r} takes {unet.context_width}")
+            if unet.pooled_width is None:
+                continue
+            if pooled is None:
+                raise InvalidInput(name, f"has no pooled_prompt_embeds; {field}.model {model!r} is SDXL-style and takes "
+                                         f"a pooled embedding [B, {unet.pooled_width}] with the prompt embeddings")
+            if pooled.shape[-1] != unet.pooled_width:
+                raise InvalidInput(name, f"pooled_prompt_embeds is {pooled.shape[-1]} wide; {field}.model {model!r} "
+                                         f"takes {unet.pooled_width}")

@@ -25,16 +25,17 @@ from pathlib import Path
 import torch
 
 from .job import Job, PromptText
-from .job_checks import SAMPLER_FIELDS, check_inputs_fit, check_job_uris
+from .job_checks import SAMPLER_FIELDS, Embeds, check_inputs_fit, check_job_uris
 from .model_cache import LoadedModels
-from .model_dirs import load_unet_denoiser
+from .model_dirs import UNetInputs, load_unet_denoiser, unet_inputs
 from .model_lane import ModelLane
 from .prepared_job import PreparedJob, batch_key
 from .prompt_encoder import PromptEncoder
 from .sampling import AdvancedSampler, ProgressHook, SamplingJob, StopHook
 from .sampling.errors import InvalidInput, SamplingStopped
+from .sampling.sdxl_conditioning import default_size_ids, pack
 from .sampling.unet_denoiser import UNetDenoiser
-from .storage.conditioning_files import read_conditioning
+from .storage.conditioning_files import read_conditioning_with_pooled
 from .storage.errors import InvalidFile, StorageUnavailable
 from .storage.latent_files import encode_latent, read_latent
 from .storage.mask_files import read_mask
@@ -86,6 +87,13 @@ class OutputWriteFailed(StorageUnavailable):
         self.error = error
 
 
+def model_conditioning(embeds: Embeds, takes: UNetInputs, size_ids: tuple[int, ...]) -> torch.Tensor:
+    """The conditioning tensor the sampler hands the model: the prompt embeddings, with the pooled
+    embedding and the size ids packed after them for an SDXL-style model (sampling/sdxl_conditioning.py)."""
+    tokens, pooled = embeds
+    return tokens if takes.pooled_width is None else pack(tokens, pooled, size_ids)  # type: ignore[arg-type]
+
+
 class JobPipeline:
     """Runs jobs, keeping models and prompt encodings loaded between them.
 
@@ -112,11 +120,16 @@ class JobPipeline:
         prepared, out = self.sampled(job, on_progress, should_stop)
         return self.write(prepared, out, should_stop or (lambda: False))
 
-    def _conditioning(self, value: str | PromptText, model_dir: Path, field: str) -> torch.Tensor:
+    def _conditioning(self, value: str | PromptText, model_dir: Path, takes: UNetInputs, field: str) -> Embeds:
+        """(prompt embeddings, pooled or None) on the device, from a file or the model's text encoder."""
         if isinstance(value, PromptText):
+            if takes.pooled_width is not None:
+                raise InvalidInput(field, "prompts as text are not supported for SDXL-style models yet: give a conditioning "
+                                          "file with prompt_embeds and pooled_prompt_embeds")
             with self._loading:
-                return self.prompts.encode(model_dir, value.prompt, field)
-        return read_conditioning(value, field).to(self.device)
+                return self.prompts.encode(model_dir, value.prompt, field), None
+        embeds, pooled = read_conditioning_with_pooled(value, field)
+        return embeds.to(self.device), None if pooled is None else pooled.to(self.device)
 
     def prepare(self, job: Job) -> PreparedJob:
         """Read and check every input, then load the models: everything before the first model call."""
@@ -124,14 +137,17 @@ class JobPipeline:
         check_job_uris(job)
         with self._loading:
             model_dirs = {field: self.store.local_dir(getattr(job, field).model, f"{field}.model") for field in SAMPLER_FIELDS}
+        takes = {field: unet_inputs(model_dirs[field], f"{field}.model") for field in SAMPLER_FIELDS}
         latent = read_latent(job.latent, "latent")
         mask = read_mask(job.mask, "mask")
         cond = {
-            f"{field}.{kind}": self._conditioning(getattr(getattr(job, field), kind), model_dirs[field], f"{field}.{kind}")
+            f"{field}.{kind}": self._conditioning(getattr(getattr(job, field), kind), model_dirs[field], takes[field],
+                                                  f"{field}.{kind}")
             for field in SAMPLER_FIELDS
             for kind in ("positive", "negative")
         }
-        check_inputs_fit(job, latent, mask, cond, model_dirs)
+        check_inputs_fit(job, latent, mask, cond, takes)
+        size_ids = default_size_ids(*latent.shape[-2:])
         samplers = {}
         for field in SAMPLER_FIELDS:
             spec = getattr(job, field)
@@ -144,8 +160,8 @@ class JobPipeline:
                 cfg=spec.cfg,
                 sampler_name=spec.sampler_name,
                 scheduler=spec.scheduler,
-                positive=cond[f"{field}.positive"],
-                negative=cond[f"{field}.negative"],
+                positive=model_conditioning(cond[f"{field}.positive"], takes[field], size_ids),
+                negative=model_conditioning(cond[f"{field}.negative"], takes[field], size_ids),
             )
         sampling = SamplingJob(latent.to(self.device), mask, samplers["base_sampler"], samplers["mask_sampler"],
                                job.sampling_params())

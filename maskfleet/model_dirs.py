@@ -16,15 +16,18 @@ import torch
 
 from .sampling.errors import InvalidInput
 from .sampling.noise_schedule import NoiseSchedule
-from .sampling.unet_denoiser import SD15_LATENT_SCALE, UNetDenoiser
+from .sampling.unet_denoiser import SD15_LATENT_SCALE, UNetDenoiser, pooled_width
 
 
 @dataclass(frozen=True)
 class UNetInputs:
-    """What a UNet takes: latent channels and the width of its conditioning (None if unknown)."""
+    """What a UNet takes: latent channels, the width of its conditioning (None if unknown) and,
+    for an SDXL-style UNet, the width of its pooled embedding (None: it takes none)."""
 
     in_channels: int
     context_width: int | None
+    pooled_width: int | None = None
+    latent_scale: float = SD15_LATENT_SCALE  # the latent space it samples in (vae/config.json's scaling_factor)
 
 
 def unet_folder(model_dir: Path) -> Path:
@@ -49,9 +52,14 @@ def unet_inputs(model_dir: Path, field: str = "model") -> UNetInputs:
     if isinstance(width, (list, tuple)):
         width = width[0] if len(set(width)) == 1 else None
     try:
-        return UNetInputs(int(config.get("in_channels", 4)), None if width is None else int(width))
+        pooled = pooled_width(config)
+        return UNetInputs(int(config.get("in_channels", 4)), None if width is None else int(width), pooled,
+                          latent_scale_of(Path(model_dir), field))
+    except InvalidInput as e:
+        raise InvalidInput(field, f"{config_path}: {e.reason}") from None
     except (TypeError, ValueError):
-        raise InvalidInput(field, f"{config_path}: in_channels or cross_attention_dim is not a number") from None
+        raise InvalidInput(field, f"{config_path}: in_channels, cross_attention_dim or the added embedding's "
+                                  "widths are not numbers") from None
 
 
 def load_unet_denoiser(model_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> UNetDenoiser:
@@ -68,13 +76,20 @@ def load_unet_denoiser(model_dir: Path, device: str | torch.device = "cpu", dtyp
     if not (unet_dir / "config.json").is_file():
         raise InvalidInput("model", f"{model_dir} holds no diffusers UNet (config.json missing)")
     scheduler_dir = model_dir / "scheduler" if unet_dir != model_dir else None
-    latent_scale = SD15_LATENT_SCALE
-    vae_config = model_dir / "vae" / "config.json"
-    if unet_dir != model_dir and vae_config.is_file():
-        latent_scale = float(json.loads(vae_config.read_text()).get("scaling_factor", SD15_LATENT_SCALE))
     unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype, use_safetensors=True)
     unet.to(device).eval().requires_grad_(False)
-    return UNetDenoiser(unet, noise_schedule_of(scheduler_dir), latent_scale)
+    return UNetDenoiser(unet, noise_schedule_of(scheduler_dir), latent_scale_of(model_dir))
+
+
+def latent_scale_of(model_dir: Path, field: str = "model") -> float:
+    """The latent scale of a pipeline layout's `vae/config.json` (`scaling_factor`), SD1.5's without one."""
+    vae_config = model_dir / "vae" / "config.json"
+    if unet_folder(model_dir) == model_dir or not vae_config.is_file():
+        return SD15_LATENT_SCALE
+    try:
+        return float(json.loads(vae_config.read_text()).get("scaling_factor", SD15_LATENT_SCALE))
+    except (OSError, ValueError, TypeError) as e:
+        raise InvalidInput(field, f"cannot read the latent scale in {vae_config}: {e}") from None
 
 
 def noise_schedule_of(scheduler_dir: Path | None) -> NoiseSchedule:

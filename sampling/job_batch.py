@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
-
 from pydantic import BaseModel
 
 from .comfy_call import AdvancedSampler

@@ -24,12 +24,31 @@ def golden_case_dirs() -> list[Path]:
     return dirs
 
 
-def make_models_dir(root: Path) -> Path:
-    """A model store holding the tiny golden UNet under the name `tiny`."""
+def golden_models() -> dict[str, Path]:
+    """The golden model folders by model name: `tiny` (tiny_unet), then each other tiny_unet_* by its
+    folder name, from the repo and from $MASKFLEET_GOLDEN_DIR."""
+    roots = [IN_REPO_GOLDEN] + ([Path(os.environ["MASKFLEET_GOLDEN_DIR"])] if os.environ.get("MASKFLEET_GOLDEN_DIR") else [])
+    found: dict[str, Path] = {}
+    for root in roots:
+        for folder in sorted(root.glob("tiny_unet*")):
+            found.setdefault(case_model_name(folder.name), folder)
+    return found
+
+
+def case_model_name(folder: str) -> str:
+    """The model name a golden model folder gets in the store (`tiny_unet` is `tiny`, as it always was)."""
+    folder = Path(folder).name
+    return "tiny" if folder == "tiny_unet" else folder
+
+
+def make_models_dir(root: Path, every_golden_model: bool = False) -> Path:
+    """A model store holding the tiny golden UNet under the name `tiny`; with `every_golden_model`, also
+    the others (v-prediction, SDXL-style) under their folder names."""
     models = root / "models"
     models.mkdir(exist_ok=True)
-    if not (models / "tiny").exists():
-        shutil.copytree(TINY_UNET, models / "tiny")  # a symlink would point outside the store
+    for name, folder in golden_models().items():
+        if (name == "tiny" or every_golden_model) and not (models / name).exists():
+            shutil.copytree(folder, models / name)  # a symlink would point outside the store
     return models
 
 
@@ -41,12 +60,16 @@ def write_case_job(case_dir: Path, work: Path) -> tuple[Path, dict, dict[str, to
     save_file({"latent_tensor": t["latent_in"].contiguous(), "latent_format_version_0": torch.tensor([])}, work / "in.latent")
     save_file({"mask": t["mask"].contiguous()}, work / "mask.safetensors")
     for key in ("pos_base", "neg_base", "pos_mask", "neg_mask"):
-        save_file({"prompt_embeds": t[key].contiguous()}, work / f"{key}.safetensors")
+        tensors = {"prompt_embeds": t[key].contiguous()}
+        if f"pooled_{key}" in t:  # SDXL-style cases
+            tensors["pooled_prompt_embeds"] = t[f"pooled_{key}"].contiguous()
+        save_file(tensors, work / f"{key}.safetensors")
+    model = case_model_name(case.get("model", {}).get("diffusers_dir", "tiny_unet"))
 
     def sampler(which: str, suffix: str) -> dict:
         spec = case[which]
         return {
-            "model": "tiny",
+            "model": model,
             "sampler_name": spec["sampler_name"],
             "scheduler": spec["scheduler"],
             "cfg": spec["cfg"],

@@ -65,6 +65,8 @@ WAIT_S = 120.0
 DELETE = object()  # a change that removes the field
 LATENT_SHAPE = (1, 4, 16, 16)
 WIDTH = 32  # the tiny UNet's cross_attention_dim
+XL = "tiny_unet_xl"  # the SDXL-style golden model (context 32, pooled 48)
+XL_POOLED = 48
 
 
 class Inputs:
@@ -86,6 +88,9 @@ class Inputs:
         self.cond = {k: torch.randn(1, 8, WIDTH, generator=gen) for k in ("pos_base", "neg_base", "pos_mask", "neg_mask")}
         for key, value in self.cond.items():
             self.tensor_file(f"{key}.safetensors", prompt_embeds=value)
+        for key, value in self.cond.items():  # the same prompts with the pooled embedding SDXL-style models take
+            self.tensor_file(f"xl_{key}.safetensors", prompt_embeds=value,
+                             pooled_prompt_embeds=torch.randn(1, XL_POOLED, generator=gen))
         save_file({"latent_tensor": self.latent, "latent_format_version_0": torch.tensor([])}, self.outside / "in.latent")
 
     def uri(self, name: str) -> str:
@@ -139,6 +144,21 @@ class Case:
 def change(**changes) -> Callable[[Inputs], dict]:
     """A case that changes fields of the valid job (dotted names as keywords: use `__` for `.`)."""
     return lambda i: i.job({k.replace("__", "."): v for k, v in changes.items()})
+
+
+def _sdxl(**changes) -> Callable[[Inputs], dict]:
+    """Both samplers on the SDXL-style model with pooled conditionings, then `changes` (a value may be
+    a function of the inputs)."""
+    def make(i: Inputs) -> dict:
+        xl = {}
+        for field, which in (("base_sampler", "base"), ("mask_sampler", "mask")):
+            xl[f"{field}.model"] = XL
+            for kind in ("pos", "neg"):
+                xl[f"{field}.{'positive' if kind == 'pos' else 'negative'}"] = i.uri(f"xl_{kind}_{which}.safetensors")
+        for key, value in changes.items():
+            xl[key.replace("__", ".")] = value(i) if callable(value) else value
+        return i.job(xl)
+    return make
 
 
 def with_latent(tensor_or_bytes) -> Callable[[Inputs], dict]:
@@ -375,6 +395,15 @@ CASES = [
     Case("preview equal to an input", "preview", "worker", _preview_over_png_mask),
     Case("output with an unsupported suffix", "output", "worker", lambda i: i.job({"output": (i.out / "x.png").as_uri()})),
     Case("preview that is not .png", "preview", "worker", lambda i: i.job({"preview": (i.out / "x.jpg").as_uri()})),
+    Case("SDXL-style model without pooled embeddings", "base_sampler.positive", "worker",
+         _sdxl(base_sampler__positive=lambda i: i.uri("pos_base.safetensors"))),
+    Case("SDXL-style pooled embedding of the wrong width", "mask_sampler.negative", "worker",
+         _sdxl(mask_sampler__negative=lambda i: i.tensor_file("xl-narrow.safetensors", prompt_embeds=i.cond["neg_mask"],
+                                                               pooled_prompt_embeds=torch.zeros(1, XL_POOLED - 1)))),
+    Case("SD1.5 base with an SDXL-style mask sampler (two latent spaces)", "mask_sampler.model", "worker",
+         _sdxl(base_sampler__model="tiny")),
+    Case("SDXL-style model with a prompt as text", "base_sampler.positive", "worker",
+         _sdxl(base_sampler__positive={"prompt": "a house"})),
     # -- valid: one sampler does all the work --
     Case("empty mask", None, "valid", with_mask(EMPTY)),
     Case("full mask", None, "valid", with_mask(FULL)),
@@ -390,7 +419,7 @@ def fleet(tmp_path_factory, s3_server):
     settings = {"MASKFLEET_CALLBACK_ALLOWLIST": ALLOWLIST, "MASKFLEET_MAX_JOB_SECONDS": str(MAX_JOB_SECONDS)}
     for name, value in settings.items():  # the client reads both when it submits
         env.setenv(name, value)
-    inputs = Inputs(root, make_models_dir(root), s3_server.make_bucket())
+    inputs = Inputs(root, make_models_dir(root, every_golden_model=True), s3_server.make_bucket())
     worker = Worker("bad-input", [TINY], url, inputs.models, root / "worker.log",
                     extra_env={**settings, "MASKFLEET_ALLOWED_ROOTS": str(inputs.allowed), "MASKFLEET_TORCH_THREADS": "1"})
     app = _app(url)

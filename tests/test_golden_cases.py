@@ -1,5 +1,8 @@
 """Every golden case through `maskfleet run`: our latent equals the original node's to 1e-4.
 
+SD1.5-style (`c*`), v-prediction and SDXL-style (`p*`) cases; each case's model folder is
+the one its case.json names (`tiny_unet`, `tiny_unet_v`, `tiny_unet_xl`).
+
 The reference is `out_intended`: the original loop run in real ComfyUI with its string
 flags replaced by the booleans it meant (see shared/golden/README.md). Where a case also
 stores `out_intended_hw_fixed` (a non-square latent), that is the reference: we resize
@@ -23,7 +26,7 @@ REL_L2_TOLERANCE = 1e-4
 @pytest.mark.parametrize("case_dir", golden_case_dirs(), ids=lambda d: d.name)
 def test_golden_case_matches_original_node(case_dir, tmp_path):
     job_path, case, tensors = write_case_job(case_dir, tmp_path / "job")
-    models = make_models_dir(tmp_path)
+    models = make_models_dir(tmp_path, every_golden_model=True)
     proc = subprocess.run(
         [sys.executable, "-m", "maskfleet.cli", "run", str(job_path), "--models", str(models), "--device", "cpu", "--quiet"],
         capture_output=True,
@@ -39,4 +42,5 @@ def test_golden_case_matches_original_node(case_dir, tmp_path):
     assert out.shape == ref.shape
     assert torch.isfinite(out).all()
     rel = ((out - ref).norm() / ref.norm()).item()
+    print(f"\n{case['id']}: relative L2 error {rel:.2e} (model {case.get('model', {}).get('diffusers_dir', 'tiny_unet')})")
     assert rel <= REL_L2_TOLERANCE, f"{case['id']}: relative L2 error {rel:.3e}"
