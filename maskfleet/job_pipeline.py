@@ -136,7 +136,7 @@ class JobPipeline:
         started, started_at = time.perf_counter(), time.time()
         check_job_uris(job)
         with self._loading:
-            model_dirs = {field: self.store.local_dir(getattr(job, field).model, f"{field}.model") for field in SAMPLER_FIELDS}
+            model_dirs = {field: self.store.local_model(getattr(job, field).model, f"{field}.model") for field in SAMPLER_FIELDS}
         takes = {field: unet_inputs(model_dirs[field], f"{field}.model") for field in SAMPLER_FIELDS}
         latent = read_latent(job.latent, "latent")
         mask = read_mask(job.mask, "mask")

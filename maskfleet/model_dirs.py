@@ -36,6 +36,18 @@ def unet_folder(model_dir: Path) -> Path:
 
 
 def unet_inputs(model_dir: Path, field: str = "model") -> UNetInputs:
+    """`unet_inputs_of_dir`, or for a single-file checkpoint what its header says (checkpoint_files.py)."""
+    if Path(model_dir).is_file():
+        from .checkpoint_files import read_checkpoint
+
+        checkpoint = read_checkpoint(Path(model_dir), field)
+        config = checkpoint.config
+        return UNetInputs(int(config["in_channels"]), config.get("cross_attention_dim"), pooled_width(config),
+                          checkpoint.latent_scale)
+    return unet_inputs_of_dir(model_dir, field)
+
+
+def unet_inputs_of_dir(model_dir: Path, field: str = "model") -> UNetInputs:
     """Read the UNet's config.json only (no weights), so a job's tensors are checked before a model loads.
 
     A mismatch found here would otherwise surface as a shape error deep inside the UNet,
@@ -63,7 +75,8 @@ def unet_inputs(model_dir: Path, field: str = "model") -> UNetInputs:
 
 
 def load_unet_denoiser(model_dir: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> UNetDenoiser:
-    """Load a model directory: a bare diffusers UNet (config.json + weights) or a pipeline layout.
+    """Load a model directory: a bare diffusers UNet (config.json + weights) or a pipeline layout;
+    or a single-file checkpoint (checkpoint_files.py).
 
     A pipeline layout has `unet/`, optionally `scheduler/` (noise schedule, prediction type)
     and `vae/` (whose `scaling_factor` sets the latent scale). A bare UNet gets SD1.5's
@@ -72,6 +85,10 @@ def load_unet_denoiser(model_dir: Path, device: str | torch.device = "cpu", dtyp
     from diffusers import UNet2DConditionModel
 
     model_dir = Path(model_dir)
+    if model_dir.is_file():
+        from .checkpoint_files import load_checkpoint_denoiser, read_checkpoint
+
+        return load_checkpoint_denoiser(read_checkpoint(model_dir), device, dtype)
     unet_dir = unet_folder(model_dir)
     if not (unet_dir / "config.json").is_file():
         raise InvalidInput("model", f"{model_dir} holds no diffusers UNet (config.json missing)")

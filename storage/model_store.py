@@ -1,4 +1,4 @@
-"""The model store: finding a diffusers model directory by the name a job gives.
+"""The model store: finding a diffusers model directory or a single-file checkpoint by the name a job gives.
 
 Jobs name models ("sd15"), never paths, so a job cannot point a worker at an arbitrary
 directory. This module maps a name to an entry of the models root and refuses names that
@@ -45,6 +45,7 @@ MODELS_ENV = variable("models")
 MANIFEST_NAME = ".maskfleet-manifest.json"
 FETCHED_SUFFIXES = (".safetensors", ".json", ".txt")
 PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth", ".pkl", ".pickle")
+CHECKPOINT_SUFFIX = ".safetensors"
 
 
 def models_root_from(cli_value: str | None) -> str:
@@ -59,12 +60,32 @@ def models_root_from(cli_value: str | None) -> str:
 
 
 def available_models(models_root: Path) -> list[str]:
-    """Names of the directories under ``models_root`` that are valid model names."""
+    """Names of the directories and single-file checkpoints (``*.safetensors``) under ``models_root``."""
     try:
         entries = list(models_root.iterdir())
     except OSError:
         return []
-    return sorted(p.name for p in entries if MODEL_NAME.fullmatch(p.name) and p.is_dir())
+    return sorted(p.name for p in entries if MODEL_NAME.fullmatch(p.name)
+                  and (p.is_dir() or (p.suffix == CHECKPOINT_SUFFIX and p.is_file())))
+
+
+def resolve_model(models_root: Path, name: str, field: str = "model") -> Path:
+    """The model ``name`` names: a single-file checkpoint ``NAME`` or ``NAME.safetensors`` in the root
+    (ComfyUI's models/checkpoints and models/unet), else a diffusers directory (resolve_model_dir).
+
+    A pickle-format checkpoint (``.ckpt``, ``.pt``, ...) is refused with the reason: it is never loaded.
+    """
+    check_model_name(name, field)
+    root = resolve_path(models_root, field)
+    if root.is_dir():
+        for candidate in (root / name, root / f"{name}{CHECKPOINT_SUFFIX}"):
+            if candidate.suffix == CHECKPOINT_SUFFIX and candidate.is_file():
+                return resolve_path(candidate, field)
+        for candidate in [root / name] + [root / f"{name}{suffix}" for suffix in PICKLE_SUFFIXES]:
+            if candidate.suffix.lower() in PICKLE_SUFFIXES and candidate.is_file():
+                raise InvalidFile(field, f"{candidate.name} is a pickle-format checkpoint: it is never loaded (unpickling "
+                                         "can run code); convert it to safetensors")
+    return resolve_model_dir(models_root, name, field)
 
 
 def check_model_name(name: str, field: str = "model") -> None:
@@ -135,6 +156,13 @@ class ModelStore:
 
     def __repr__(self) -> str:
         return f"ModelStore({self.root!r}, cache_dir={str(self.cache_dir)!r})"
+
+    def local_model(self, name: str, field: str = "model") -> Path:
+        """The local diffusers directory or single-file checkpoint of model ``name`` (single files from
+        local stores only, for now; an S3 model is a directory, fetched first)."""
+        if not self.is_s3:
+            return resolve_model(self.local_root, name, field)
+        return self.local_dir(name, field)
 
     def local_dir(self, name: str, field: str = "model") -> Path:
         """The local diffusers directory of model ``name``, fetched first if the root is S3."""

@@ -40,10 +40,11 @@ import pytest
 import redis
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from fleet_workers import Worker, claim_db_url, flush, require_redis
-from golden_jobs import make_models_dir
+from golden_jobs import TINY_UNET, make_models_dir
+from ldm_checkpoints import write_checkpoint
 from maskfleet.cli import main
 from maskfleet.client import JobFailed, JobHandle, _app, submit
 from maskfleet.job import MAX_JOB_BYTES, JobError
@@ -159,6 +160,24 @@ def _sdxl(**changes) -> Callable[[Inputs], dict]:
             xl[key.replace("__", ".")] = value(i) if callable(value) else value
         return i.job(xl)
     return make
+
+
+def _model_file(name: str, data: Callable[[Inputs], bytes], field: str) -> Callable[[Inputs], dict]:
+    """A file `name` put in the model store, named by the job's `field` (without its suffix)."""
+    def make(i: Inputs) -> dict:
+        (i.models / name).write_bytes(data(i))
+        return i.job({field: Path(name).stem})
+    return make
+
+
+def _flux_header(i: Inputs) -> bytes:
+    return save(  # a transformer's keys, as a Flux checkpoint names them
+        {"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 3)})
+
+
+def _truncated_checkpoint(i: Inputs) -> bytes:
+    path = write_checkpoint(TINY_UNET, i.root / "whole.safetensors")
+    return path.read_bytes()[:4096]
 
 
 def with_latent(tensor_or_bytes) -> Callable[[Inputs], dict]:
@@ -404,6 +423,12 @@ CASES = [
          _sdxl(base_sampler__model="tiny")),
     Case("SDXL-style model with a prompt as text", "base_sampler.positive", "worker",
          _sdxl(base_sampler__positive={"prompt": "a house"})),
+    Case("pickle-format checkpoint named as a model", "base_sampler.model", "worker",
+         _model_file("old-model.ckpt", lambda i: b"\x80\x04\x95pickle", "base_sampler.model")),
+    Case("single-file checkpoint of an unknown family (Flux)", "mask_sampler.model", "worker",
+         _model_file("flux-model.safetensors", _flux_header, "mask_sampler.model")),
+    Case("truncated single-file checkpoint", "base_sampler.model", "worker",
+         _model_file("cut-model.safetensors", _truncated_checkpoint, "base_sampler.model")),
     # -- valid: one sampler does all the work --
     Case("empty mask", None, "valid", with_mask(EMPTY)),
     Case("full mask", None, "valid", with_mask(FULL)),
