@@ -1,9 +1,12 @@
 """Loaded models kept in memory: an LRU keyed by (model name, device, dtype).
 
 A worker keeps the last few models it used so that consecutive jobs on the same model
-skip the load. The bound (`max_models`, default $MASKFLEET_MAX_LOADED_MODELS or 2) caps
-GPU memory; the least recently used model is dropped first and, on CUDA, the allocator's
-cached blocks are handed back so the next load has room.
+skip the load. Two bounds: a count (`max_models`, default $MASKFLEET_MAX_LOADED_MODELS
+or 2) and bytes (`max_bytes`, default $MASKFLEET_MODEL_MEMORY_MB, else half of a CUDA
+device's memory, none on the CPU): an SDXL UNet is ~5 GB in fp16, so three of them do
+not fit where three SD1.5 ones do. A value's size is its `nbytes` (0 when it has none).
+The least recently used model is dropped first (never the one just loaded) and, on
+CUDA, the allocator's cached blocks are handed back so the next load has room.
 
 The cache is generic: a value is whatever the loader returns, so this module imports
 no model library.
@@ -37,12 +40,15 @@ class LoadedModels(Generic[T]):
         max_models: int | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        max_bytes: int | None = None,
     ):
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_models = load_settings().max_loaded_models if max_models is None else max_models
         if self.max_models < 1:
             raise ValueError(f"max_models must be at least 1, got {self.max_models}")
+        self.max_bytes = default_max_bytes(self.device, load_settings().model_memory_mb) if max_bytes is None else max_bytes
+        self.bytes_held = 0
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -113,6 +119,7 @@ class LoadedModels(Generic[T]):
             with self._lock:
                 self._models[key] = value
                 self._models.move_to_end(key)
+                self.bytes_held += _nbytes(value)
                 evicted = self._evict_over_bound()
                 self._loading.pop(key, None)
         if evicted:
@@ -125,15 +132,18 @@ class LoadedModels(Generic[T]):
             dropped = list(self._models)
             self.evictions += len(dropped)
             self._models.clear()
+            self.bytes_held = 0
         if dropped:
             self._release_memory(dropped)
 
     def _evict_over_bound(self) -> list[Key]:
-        """Drop least recently used models past the bound; return their keys (not values,
-        so no reference outlives this call)."""
+        """Drop least recently used models past either bound, never the newest; return their keys
+        (not values, so no reference outlives this call)."""
         evicted = []
-        while len(self._models) > self.max_models:
-            key, _ = self._models.popitem(last=False)
+        while len(self._models) > 1 and (len(self._models) > self.max_models
+                                         or (self.max_bytes is not None and self.bytes_held > self.max_bytes)):
+            key, value = self._models.popitem(last=False)
+            self.bytes_held -= _nbytes(value)
             evicted.append(key)
             self.evictions += 1
         return evicted
@@ -141,3 +151,17 @@ class LoadedModels(Generic[T]):
     def _release_memory(self, keys: list[Key]) -> None:
         if any(device.startswith("cuda") for _, device, _ in keys) and torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def default_max_bytes(device: torch.device, memory_mb: int | None) -> int | None:
+    """MASKFLEET_MODEL_MEMORY_MB in bytes; unset, half of a CUDA device's memory (the rest for
+    activations), no bound on the CPU (the count bounds it there)."""
+    if memory_mb is not None:
+        return memory_mb * 1024 * 1024
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).total_memory // 2
+    return None
+
+
+def _nbytes(value: object) -> int:
+    return int(getattr(value, "nbytes", 0) or 0)

@@ -34,6 +34,12 @@ class UNetDenoiser:
         self.device = unet.device
         self._timesteps: dict[float, torch.Tensor] = {}
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the UNet's weights and buffers (what the loaded-model cache budgets)."""
+        tensors = list(self.unet.parameters()) + list(self.unet.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def _timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         key = float(sigma)
         t = self._timesteps.get(key)

@@ -23,7 +23,8 @@ Metrics (all ``maskfleet_``-prefixed; only the task ``maskfleet.sample`` is coun
   from its result (a result returned again for a finished job_id is not counted).
 - ``maskfleet_model_loads_total``, ``maskfleet_model_cache_hits_total``,
   ``maskfleet_model_load_seconds_total``: the JobPipeline's LoadedModels counters (a load
-  that failed counts as a load), read at scrape time.
+  that failed counts as a load), read at scrape time; ``maskfleet_model_bytes``: the bytes
+  of weights it keeps (its budget: MASKFLEET_MODEL_MEMORY_MB).
 - ``maskfleet_gpu_memory_allocated_bytes{device}`` / ``..._reserved_bytes{device}``: torch's
   CUDA allocator, only where ``torch.cuda.is_available()``; absent on CPU workers.
 
@@ -85,7 +86,9 @@ class RunnerCollector(Collector):
         loads.add_metric([], models.misses if models else 0)
         hits.add_metric([], models.hits if models else 0)
         load_seconds.add_metric([], models.loads_seconds if models else 0.0)
-        yield from (loads, hits, load_seconds)
+        held = GaugeMetricFamily("maskfleet_model_bytes", "Bytes of loaded model weights this process keeps")
+        held.add_metric([], models.bytes_held if models else 0)
+        yield from (loads, hits, load_seconds, held)
         yield from _gpu_memory()
 
 

@@ -57,6 +57,7 @@ def test_worker_serves_job_metrics(tmp_path):
         assert metrics[("maskfleet_sampling_steps_per_second", ())] > 0
         assert metrics[("maskfleet_model_loads_total", ())] >= 1
         assert ("maskfleet_model_cache_hits_total", ()) in metrics
+        assert metrics[("maskfleet_model_bytes", ())] > 0  # the tiny UNet's weights, held
         assert not any(name.startswith("maskfleet_gpu_memory") for name, _ in metrics)  # CPU worker: absent
     finally:
         worker.stop()

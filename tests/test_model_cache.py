@@ -193,3 +193,40 @@ def test_eviction_on_cuda_returns_memory():
     reserved = torch.cuda.memory_reserved()
     cache.get("b", "model", lambda: torch.empty(1, device="cuda"))
     assert torch.cuda.memory_reserved() < reserved
+
+
+class Sized:
+    """A loaded model that says how many bytes it holds."""
+
+    def __init__(self, name: str, nbytes: int):
+        self.name, self.nbytes = name, nbytes
+
+
+def test_the_byte_budget_evicts_least_recently_used_first():
+    """Budgeted in bytes, not in models: one big model takes the place of two small ones."""
+    cache = LoadedModels(max_models=10, max_bytes=100)
+    cache.get("sd15-a", "model", lambda: Sized("a", 40))
+    cache.get("sd15-b", "model", lambda: Sized("b", 40))
+    assert (len(cache), cache.bytes_held) == (2, 80)
+    cache.get("sdxl", "model", lambda: Sized("xl", 50))
+    assert [k[0] for k in cache.keys()] == ["sd15-b", "sdxl"] and cache.bytes_held == 90
+    cache.get("huge", "model", lambda: Sized("huge", 500))  # over the budget alone: kept, the others go
+    assert [k[0] for k in cache.keys()] == ["huge"] and cache.bytes_held == 500
+    cache.clear()
+    assert cache.bytes_held == 0
+
+
+def test_the_byte_budget_comes_from_the_setting(monkeypatch):
+    monkeypatch.setenv("MASKFLEET_MODEL_MEMORY_MB", "3")
+    assert LoadedModels().max_bytes == 3 * 1024 * 1024
+    monkeypatch.delenv("MASKFLEET_MODEL_MEMORY_MB")
+    assert LoadedModels(device="cpu").max_bytes is None  # the CPU: the count bounds it
+
+
+def test_a_unet_denoiser_reports_its_weight_bytes():
+    from golden_jobs import TINY_UNET
+    from maskfleet.model_dirs import load_unet_denoiser
+
+    den = load_unet_denoiser(TINY_UNET)
+    params = sum(p.numel() for p in den.unet.parameters())
+    assert den.nbytes >= params * 4 and den.nbytes < params * 4 + 1_000_000
