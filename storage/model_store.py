@@ -6,8 +6,11 @@ could be paths (separators, "..", hidden names). The root is the operator's: sym
 it, to model folders or to weight files (the Hugging Face cache links files into
 `blobs/`), are the operator's and are followed wherever they lead, one rule for both.
 
-The root is a local folder or an ``s3://bucket/prefix``. An S3 model (every object under
-``prefix/name/``) is downloaded once into a local cache directory
+A model is a diffusers directory or a single-file checkpoint ``NAME.safetensors`` (with
+an optional sidecar ``NAME.json``; maskfleet/checkpoint_files.py reads it); pickle-format
+checkpoints (``.ckpt``, ``.pt``...) are refused by name. The root is a local folder or an
+``s3://bucket/prefix``. An S3 model (every object under ``prefix/name/``, or
+``prefix/NAME.safetensors`` and its sidecar) is downloaded once into a local cache directory
 ($MASKFLEET_MODEL_CACHE, default ``~/.cache/maskfleet/models``) and used from there:
 
 - atomic: objects go into a temporary directory beside the entry, are checked, a
@@ -158,17 +161,29 @@ class ModelStore:
         return f"ModelStore({self.root!r}, cache_dir={str(self.cache_dir)!r})"
 
     def local_model(self, name: str, field: str = "model") -> Path:
-        """The local diffusers directory or single-file checkpoint of model ``name`` (single files from
-        local stores only, for now; an S3 model is a directory, fetched first)."""
+        """The local diffusers directory or single-file checkpoint of model ``name``.
+
+        On S3, ``NAME.safetensors`` (named ``NAME`` or ``NAME.safetensors``; its sidecar
+        ``NAME.json`` with it) is fetched into a cache entry of its own like a folder, and
+        the path of the file in it is returned.
+        """
         if not self.is_s3:
             return resolve_model(self.local_root, name, field)
-        return self.local_dir(name, field)
+        check_model_name(name, field)
+        files = self._list_checkpoint(name, field)
+        if files is None:
+            return self.local_dir(name, field)
+        return self._cached(name, field, files) / files[0]["rel"]
 
     def local_dir(self, name: str, field: str = "model") -> Path:
         """The local diffusers directory of model ``name``, fetched first if the root is S3."""
         if not self.is_s3:
             return resolve_model_dir(self.local_root, name, field)
         check_model_name(name, field)
+        return self._cached(name, field, None)
+
+    def _cached(self, name: str, field: str, files: list[dict] | None) -> Path:
+        """The complete cache entry of ``name``, fetched (``files``, else the folder's listing) under the lock."""
         target = self.cache_path(name)
         if _complete(target):
             return target
@@ -181,8 +196,33 @@ class ModelStore:
                 shutil.rmtree(stale, ignore_errors=True)
             if target.exists():  # incomplete or altered: discard it
                 shutil.rmtree(target)
-            self._fetch(name, field, target)
+            self._fetch(name, field, target, files if files is not None else self._list(name, field))
         return target
+
+    def _list_checkpoint(self, name: str, field: str) -> list[dict] | None:
+        """The objects of single-file model ``name`` (the checkpoint first, then its sidecar), or None when
+        the store holds no ``NAME.safetensors``; a pickle-format ``NAME.ckpt`` (...) is refused."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        suffix = Path(name).suffix.lower()
+        stem = name[:-len(suffix)] if suffix in (CHECKPOINT_SUFFIX, *PICKLE_SUFFIXES) else name
+        base = f"{self.prefix}/{stem}." if self.prefix else f"{stem}."
+        try:
+            pages = self._client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
+            objects = {obj["Key"][len(base) - 1:]: obj for page in pages for obj in page.get("Contents", [])}
+        except (BotoCoreError, ClientError) as exc:
+            from .objects import s3_error
+
+            raise s3_error(exc, self.uri(name), field, "list") from None
+        if CHECKPOINT_SUFFIX not in objects or suffix in PICKLE_SUFFIXES:
+            pickled = [found for found in PICKLE_SUFFIXES if found in objects and suffix in ("", found)]
+            if pickled:
+                raise InvalidFile(field, f"{stem}{pickled[0]} is a pickle-format checkpoint: it is never loaded "
+                                         "(unpickling can run code); convert it to safetensors")
+            return None
+        return [{"key": obj["Key"], "rel": stem + suffix, "size": obj["Size"], "etag": obj.get("ETag", "")}
+                for suffix, obj in sorted(objects.items(), key=lambda item: item[0] != CHECKPOINT_SUFFIX)
+                if suffix in (CHECKPOINT_SUFFIX, ".json")]
 
     def cache_path(self, name: str) -> Path:
         """Where model ``name`` is (or will be) cached: one folder per store and name."""
@@ -258,9 +298,8 @@ class ModelStore:
             return []
         return sorted(n for n in names if MODEL_NAME.fullmatch(n) and ".." not in n)
 
-    def _fetch(self, name: str, field: str, target: Path) -> None:
-        """Download model ``name`` into ``target`` (which must not exist) whole or not at all."""
-        files = self._list(name, field)
+    def _fetch(self, name: str, field: str, target: Path, files: list[dict]) -> None:
+        """Download ``files`` of model ``name`` into ``target`` (which must not exist) whole or not at all."""
         needed = sum(f["size"] for f in files)
         free = shutil.disk_usage(target.parent).free
         if needed > free:

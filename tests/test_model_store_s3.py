@@ -300,3 +300,27 @@ def test_unreachable_store_is_storage_unavailable_not_bad_input(s3_server, tmp_p
         reset_s3_client()
     assert str(info.value).startswith("base_sampler.model: ")
     assert not any((tmp_path / "cache").glob("tiny*"))
+
+
+def test_a_single_file_checkpoint_is_fetched_with_its_sidecar(s3_server, tmp_path):
+    """NAME.safetensors on the store (named NAME or NAME.safetensors), its sidecar beside it: one cache
+    entry, the file's path returned, the same weights as the folder's."""
+    from ldm_checkpoints import write_checkpoint
+
+    bucket = s3_server.make_bucket()
+    path = write_checkpoint(GOLDEN_UNET, tmp_path / "tiny-file.safetensors", sidecar={"prediction": "epsilon"})
+    put(s3_server.client, bucket, "models/tiny-file.safetensors", path.read_bytes())
+    put(s3_server.client, bucket, "models/tiny-file.json", path.with_suffix(".json").read_bytes())
+    put(s3_server.client, bucket, "models/old.ckpt", b"\x80\x04pickle")
+    store = ModelStore(f"s3://{bucket}/models", cache_dir=tmp_path / "cache")
+    local = store.local_model("tiny-file", "base_sampler.model")
+    assert local.name == "tiny-file.safetensors" and local.read_bytes() == path.read_bytes()
+    assert local.with_suffix(".json").read_text() == path.with_suffix(".json").read_text()
+    assert store.local_model("tiny-file.safetensors").read_bytes() == path.read_bytes()
+    downloads = store.downloads
+    assert store.local_model("tiny-file") == local and store.downloads == downloads  # cached
+    ours, folder = load_unet_denoiser(local).unet.state_dict(), load_unet_denoiser(GOLDEN_UNET).unet.state_dict()
+    assert all(torch.equal(ours[k], folder[k]) for k in folder)
+    for name in ("old", "old.ckpt"):
+        with pytest.raises(InvalidFile, match="old.ckpt is a pickle-format checkpoint"):
+            store.local_model(name, "mask_sampler.model")
