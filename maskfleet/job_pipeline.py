@@ -120,14 +120,11 @@ class JobPipeline:
         prepared, out = self.sampled(job, on_progress, should_stop)
         return self.write(prepared, out, should_stop or (lambda: False))
 
-    def _conditioning(self, value: str | PromptText, model_dir: Path, takes: UNetInputs, field: str) -> Embeds:
+    def _conditioning(self, value: str | PromptText, model_dir: Path, field: str) -> Embeds:
         """(prompt embeddings, pooled or None) on the device, from a file or the model's text encoder."""
         if isinstance(value, PromptText):
-            if takes.pooled_width is not None:
-                raise InvalidInput(field, "prompts as text are not supported for SDXL-style models yet: give a conditioning "
-                                          "file with prompt_embeds and pooled_prompt_embeds")
             with self._loading:
-                return self.prompts.encode(model_dir, value.prompt, field), None
+                return self.prompts.encode_with_pooled(model_dir, value.prompt, field)
         embeds, pooled = read_conditioning_with_pooled(value, field)
         return embeds.to(self.device), None if pooled is None else pooled.to(self.device)
 
@@ -141,8 +138,7 @@ class JobPipeline:
         latent = read_latent(job.latent, "latent")
         mask = read_mask(job.mask, "mask")
         cond = {
-            f"{field}.{kind}": self._conditioning(getattr(getattr(job, field), kind), model_dirs[field], takes[field],
-                                                  f"{field}.{kind}")
+            f"{field}.{kind}": self._conditioning(getattr(getattr(job, field), kind), model_dirs[field], f"{field}.{kind}")
             for field in SAMPLER_FIELDS
             for kind in ("positive", "negative")
         }

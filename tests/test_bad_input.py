@@ -421,7 +421,7 @@ CASES = [
                                                                pooled_prompt_embeds=torch.zeros(1, XL_POOLED - 1)))),
     Case("SD1.5 base with an SDXL-style mask sampler (two latent spaces)", "mask_sampler.model", "worker",
          _sdxl(base_sampler__model="tiny")),
-    Case("SDXL-style model with a prompt as text", "base_sampler.positive", "worker",
+    Case("SDXL-style model without text encoders, with a prompt as text", "base_sampler.positive", "worker",
          _sdxl(base_sampler__positive={"prompt": "a house"})),
     Case("pickle-format checkpoint named as a model", "base_sampler.model", "worker",
          _model_file("old-model.ckpt", lambda i: b"\x80\x04\x95pickle", "base_sampler.model")),

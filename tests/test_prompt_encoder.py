@@ -192,3 +192,83 @@ def test_embeddings_drive_the_unet(model_dir):
     other = denoiser.denoise(x, torch.tensor(1.0), PromptEncoder().encode(model_dir, "a dog"))
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, other)
+
+
+def make_sdxl_model_dir(root: Path) -> Path:
+    """The SDXL-style golden UNet (context 32, pooled 48) with two tiny text encoders as SDXL ships them:
+    CLIP (16 wide) and a CLIP with projection (16 wide, projected to 48) whose widths add up to 32."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    model_dir = root / "tiny-xl"
+    shutil.copytree(GOLDEN_UNET.parent / "tiny_unet_xl", model_dir)
+    for folder in ("tokenizer", "tokenizer_2"):
+        write_bpe_files(model_dir / folder)
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer", local_files_only=True)
+    common = dict(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=37,
+                  max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(1)
+    CLIPTextModel(CLIPTextConfig(**common)).save_pretrained(model_dir / "text_encoder", safe_serialization=True)
+    CLIPTextModelWithProjection(CLIPTextConfig(**common, projection_dim=48)).save_pretrained(
+        model_dir / "text_encoder_2", safe_serialization=True)
+    return model_dir
+
+
+def direct_sdxl_encoding(model_dir: Path, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What an SDXL pipeline computes: both penultimate hidden states side by side, the second's text_embeds."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    outs = []
+    for tok, enc, cls in (("tokenizer", "text_encoder", CLIPTextModel), ("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection)):
+        tokenizer = CLIPTokenizer.from_pretrained(model_dir / tok, local_files_only=True)
+        ids = tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            outs.append(cls.from_pretrained(model_dir / enc, use_safetensors=True, local_files_only=True)(ids, output_hidden_states=True))
+    return torch.cat([outs[0].hidden_states[-2], outs[1].hidden_states[-2]], dim=-1), outs[1].text_embeds
+
+
+def test_one_encoder_gives_no_pooled_embedding(model_dir):
+    assert PromptEncoder().encode_with_pooled(model_dir, "a cat")[1] is None
+
+
+def test_sdxl_prompts_use_both_encoders_and_the_projected_pooled_embedding(tmp_path):
+    model_dir = make_sdxl_model_dir(tmp_path)
+    embeds, pooled = PromptEncoder().encode_with_pooled(model_dir, "a cat")
+    want_embeds, want_pooled = direct_sdxl_encoding(model_dir, "a cat")
+    assert embeds.shape == (1, 77, 32) and pooled.shape == (1, 48)
+    assert torch.equal(embeds, want_embeds) and torch.equal(pooled, want_pooled)
+
+
+
+def test_an_sdxl_job_with_text_prompts_equals_the_job_with_their_embedding_files(tmp_path):
+    """Bitwise, through `maskfleet run`'s pipeline: text prompts encoded on the worker, or the same
+    encodings sent as files."""
+    from safetensors.torch import load_file, save_file
+
+    from golden_jobs import IN_REPO_GOLDEN, write_case_job
+    from maskfleet.job import parse_job
+    from maskfleet.job_pipeline import RunOptions, run_job
+
+    models = tmp_path / "models"
+    models.mkdir()
+    model_dir = make_sdxl_model_dir(models)
+    job_path, _, _ = write_case_job(IN_REPO_GOLDEN / "cases" / "p03_sdxl_euler_karras_o3", tmp_path / "job")
+    job = json.loads(job_path.read_text())
+    prompts = {("base_sampler", "positive"): "a cat", ("base_sampler", "negative"): "",
+               ("mask_sampler", "positive"): "a dog", ("mask_sampler", "negative"): "cat"}
+    as_text, as_files = json.loads(json.dumps(job)), json.loads(json.dumps(job))
+    for (field, kind), text in prompts.items():
+        for doc in (as_text, as_files):
+            doc[field]["model"] = model_dir.name
+        as_text[field][kind] = {"prompt": text}
+        embeds, pooled = direct_sdxl_encoding(model_dir, text)
+        path = tmp_path / f"{field}-{kind}.safetensors"
+        save_file({"prompt_embeds": embeds.contiguous(), "pooled_prompt_embeds": pooled.contiguous()}, path)
+        as_files[field][kind] = path.as_uri()
+    as_text["output"] = (tmp_path / "text.latent").as_uri()
+    as_files["output"] = (tmp_path / "files.latent").as_uri()
+    options = RunOptions(models_root=str(models), device="cpu")
+    run_job(parse_job(as_text), options)
+    run_job(parse_job(as_files), options)
+    text_out = load_file(tmp_path / "text.latent")["latent_tensor"]
+    assert torch.isfinite(text_out).all()
+    assert torch.equal(text_out, load_file(tmp_path / "files.latent")["latent_tensor"])
