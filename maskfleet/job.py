@@ -84,14 +84,29 @@ class Job(SamplingParams):
     model_config = ConfigDict(extra="forbid", title="maskfleet job", strict=True)
 
     job_id: str | None = Field(None, pattern=JOB_ID_PATTERN, description="Client-chosen idempotency key.")
-    latent: str = Field(min_length=1, description="URI of the input latent: ComfyUI .latent or safetensors with one [B, C, H, W] tensor.")
+    latent: str | None = Field(None, min_length=1, description="URI of the input latent: ComfyUI .latent or safetensors with one [B, C, H, W] tensor. Give this or `image`.")
+    image: str | None = Field(None, min_length=1, description="URI of an input picture (PNG, JPEG, WebP...) instead of a latent: encoded by the base sampler's model's VAE as ComfyUI's VAEEncode does (RGB / 255, the size cropped to a multiple of 8 around the centre).")
     mask: str = Field(min_length=1, description="URI of the mask: PNG (ComfyUI LoadImageMask conventions) or safetensors, any resolution, values in [0, 1].")
     base_sampler: SamplerSpec = Field(description="Sampler for everything outside the mask.")
     mask_sampler: SamplerSpec = Field(description="Sampler for the mask, grown by overlap_factor.")
     output: str = Field(min_length=1, description="URI of the output latent: .latent (ComfyUI format) or .safetensors.")
     preview: str | None = Field(None, min_length=1, description="Optional URI of a PNG preview of the output latent.")
+    output_image: str | None = Field(None, min_length=1, description="Optional URI of a PNG of the result decoded by the base sampler's model's VAE (ComfyUI's VAEDecode and SaveImage: clamp((x + 1) / 2) * 255, truncated), written besides the latent.")
+    paste_back: bool | None = Field(None, description="With `image` and `output_image`: outside the grown mask the output picture's pixels are the input's, bit for bit, blended across the overlap band (a VAE round trip changes every pixel). Default: on when `image` is given.")
+    tiled: bool = Field(False, description="Encode and decode the picture in overlapping tiles (large images); the VAE falls back to tiles by itself when the whole does not fit in memory.")
     callback: Callback | None = Field(None, description="Fleet only: webhook for the job's status events; `maskfleet run` ignores it.")
     time_limit: int | None = Field(None, ge=1, le=86400, description="Fleet only: hard time limit in seconds (soft limit a little below), at most the workers' MASKFLEET_MAX_JOB_SECONDS; `maskfleet run` ignores it.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "Job":
+        """The input as a latent or as a picture, exactly one of them."""
+        if self.latent is not None and self.image is not None:
+            raise InvalidInput("latent", "give the input as latent or as image, not both")
+        if self.latent is None and self.image is None:
+            raise InvalidInput("latent", "required: give latent (a latent file) or image (a picture the model's VAE encodes)")
+        if self.paste_back and self.image is None:
+            raise InvalidInput("paste_back", "needs image: it pastes the input picture's pixels back outside the mask")
+        return self
 
     @model_validator(mode="after")
     def _mode_can_run(self) -> "Job":
@@ -104,13 +119,19 @@ class Job(SamplingParams):
                 raise InvalidInput(*refusal)
         return self
 
+    @property
+    def pastes_back(self) -> bool:
+        """Whether the output picture gets the input picture's pixels outside the grown mask."""
+        return self.image is not None and self.paste_back is not False
+
     def sampling_params(self) -> SamplingParams:
         """The params the engine samples with (SamplingJob.params), without the job's URIs."""
         return SamplingParams.model_validate({name: getattr(self, name) for name in SamplingParams.model_fields})
 
     def input_uris(self) -> dict[str, str]:
-        """Every object the job reads, by field: latent, mask, and conditionings given as URIs."""
-        inputs = {"latent": self.latent, "mask": self.mask}
+        """Every object the job reads, by field: latent or image, mask, and conditionings given as URIs."""
+        inputs = {"latent": self.latent, "image": self.image, "mask": self.mask}
+        inputs = {field: uri for field, uri in inputs.items() if uri is not None}
         for field in ("base_sampler", "mask_sampler"):
             for kind in ("positive", "negative"):
                 value = getattr(getattr(self, field), kind)

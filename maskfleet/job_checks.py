@@ -29,24 +29,29 @@ def _same_object_key(uri: str, field: str) -> str:
 
 
 def check_job_uris(job: Job) -> None:
-    """Syntax of every URI, the output's suffix, and that no output would overwrite an input."""
+    """Syntax of every URI, the outputs' suffixes, and that no output would overwrite an input or another output."""
     inputs = job.input_uris()
     for field, uri in inputs.items():
         check_uri(uri, field)
-    outputs = {"output": job.output, **({"preview": job.preview} if job.preview else {})}
+    outputs = {field: getattr(job, field) for field in ("preview", "output_image", "output") if getattr(job, field)}
     for field, uri in outputs.items():
         check_uri(uri, field)
     suffix = Path(object_name(job.output, "output")).suffix
     if suffix not in OUTPUT_SUFFIXES:
         raise InvalidInput("output", f"suffix must be one of {', '.join(OUTPUT_SUFFIXES)}, got {suffix or 'none'!r}")
-    if job.preview and Path(object_name(job.preview, "preview")).suffix.lower() != ".png":
-        raise InvalidInput("preview", "must name a .png object")
+    for field in ("preview", "output_image"):
+        if field in outputs and Path(object_name(outputs[field], field)).suffix.lower() != ".png":
+            raise InvalidInput(field, "must name a .png object")
     taken = {_same_object_key(uri, field) for field, uri in inputs.items()}
     for field, uri in outputs.items():
         if _same_object_key(uri, field) in taken:
             raise InvalidInput(field, "would overwrite one of the job's inputs")
-    if job.preview and _same_object_key(job.preview, "preview") == _same_object_key(job.output, "output"):
-        raise InvalidInput("preview", "must differ from output")
+    written: dict[str, str] = {}
+    for field, uri in reversed(list(outputs.items())):  # output first: the others are named against it
+        key = _same_object_key(uri, field)
+        if key in written:
+            raise InvalidInput(field, f"must differ from {written[key]}")
+        written[key] = field
     for field, uri in outputs.items():  # a write outside MASKFLEET_ALLOWED_ROOTS fails now, not after sampling
         if not is_s3_uri(uri):
             confine(local_path(uri, field), field, writing=True)

@@ -33,6 +33,7 @@ from .prepared_job import PreparedJob, batch_key
 from .prompt_encoder import PromptEncoder
 from .sampling import AdvancedSampler, ProgressHook, SamplingJob, StopHook
 from .sampling.errors import InvalidInput, SamplingStopped
+from .sampling.paste_back import paste_back
 from .sampling.sdxl_conditioning import default_size_ids, pack
 from .sampling.unet_denoiser import UNetDenoiser
 from .storage.conditioning_files import read_conditioning_with_pooled
@@ -41,7 +42,9 @@ from .storage.latent_files import encode_latent, read_latent
 from .storage.mask_files import read_mask
 from .storage.model_store import ModelStore
 from .storage.objects import delete_object, object_name, write_object
+from .storage.image_files import encode_png, read_image
 from .storage.preview_png import encode_preview_png
+from .vae_codec import DOWNSCALE, VAECodec, crop_to_multiple, load_vae, vae_latent_channels
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +138,15 @@ class JobPipeline:
         with self._loading:
             model_dirs = {field: self.store.local_model(getattr(job, field).model, f"{field}.model") for field in SAMPLER_FIELDS}
         takes = {field: unet_inputs(model_dirs[field], f"{field}.model") for field in SAMPLER_FIELDS}
-        latent = read_latent(job.latent, "latent")
+        pixels = None
+        if job.image is not None:  # checked as the latent it will encode to; encoded once every input is checked
+            pixels = crop_to_multiple(read_image(job.image, "image"))
+            channels = vae_latent_channels(model_dirs["base_sampler"], "image")
+            latent = torch.empty(1, channels, pixels.shape[1] // DOWNSCALE, pixels.shape[2] // DOWNSCALE, device="meta")
+        else:
+            latent = read_latent(job.latent, "latent")
+        if job.output_image is not None:
+            vae_latent_channels(model_dirs["base_sampler"], "output_image")
         mask = read_mask(job.mask, "mask")
         cond = {
             f"{field}.{kind}": self._conditioning(getattr(getattr(job, field), kind), model_dirs[field], f"{field}.{kind}")
@@ -143,6 +154,9 @@ class JobPipeline:
             for kind in ("positive", "negative")
         }
         check_inputs_fit(job, latent, mask, cond, takes)
+        vae = self._vae(job, model_dirs["base_sampler"]) if pixels is not None or job.output_image else None
+        if pixels is not None:
+            latent = vae.encode(pixels, tiled=job.tiled)
         size_ids = default_size_ids(*latent.shape[-2:])
         samplers = {}
         for field in SAMPLER_FIELDS:
@@ -161,7 +175,14 @@ class JobPipeline:
             )
         sampling = SamplingJob(latent.to(self.device), mask, samplers["base_sampler"], samplers["mask_sampler"],
                                job.sampling_params())
-        return PreparedJob(job, sampling, started, started_at)
+        return PreparedJob(job, sampling, started, started_at, vae=vae, pixels=pixels)
+
+    def _vae(self, job: Job, model_path: Path) -> VAECodec:
+        """The base sampler's model's VAE, kept loaded with the models."""
+        name = job.base_sampler.model
+        with self._loading:
+            return self.models.get(f"{name}/vae", "base_sampler.model", lambda: load_vae(model_path, self.device),
+                                   dtype=torch.float32)
 
     def sampled(self, job: Job, on_progress: ProgressHook | None = None,
                 should_stop: StopHook | None = None) -> tuple[PreparedJob, torch.Tensor]:
@@ -176,12 +197,14 @@ class JobPipeline:
         return prepared, out.cpu()
 
     def write(self, prepared: PreparedJob, out: torch.Tensor, should_stop: StopHook) -> dict:
-        """`finish`, retried alone on storage faults (`write_retries` times, `storage_retry_countdown`
-        apart; `should_stop` asked before each new attempt); then OutputWriteFailed."""
+        """The job's output files made once (`outputs`), then written by `finish`, retried alone on storage
+        faults (`write_retries` times, `storage_retry_countdown` apart; `should_stop` asked before each new
+        attempt); then OutputWriteFailed."""
+        files = self.outputs(prepared, out)
         attempt = 0
         while True:
             try:
-                return self.finish(prepared, out)
+                return self.finish(prepared, out, files)
             except StorageUnavailable as e:
                 if attempt == self.write_retries:
                     raise OutputWriteFailed(e) from None
@@ -193,18 +216,34 @@ class JobPipeline:
             if should_stop():
                 raise SamplingStopped("stopped before writing the output again")
 
-    def finish(self, prepared: PreparedJob, out: torch.Tensor) -> dict:
-        """Check and write the sampled latent (and preview); the job's result."""
+    def outputs(self, prepared: PreparedJob, out: torch.Tensor) -> dict[str, bytes]:
+        """The bytes of every file the job writes, by field, in writing order: preview, output_image (the
+        latent decoded by the VAE, the input picture pasted back outside the mask), output last."""
         job = prepared.job
         if not torch.isfinite(out).all():
             raise InvalidInput("output", "sampling produced NaN or infinite values; nothing was written")
-        family = "sdxl" if abs(prepared.sampling.base.denoiser.latent_scale - SDXL_LATENT_SCALE) < 1e-6 else "sd15"
-        sha256 = self._write(job, out, family)
+        files = {}
+        if job.preview:
+            family = "sdxl" if abs(prepared.sampling.base.denoiser.latent_scale - SDXL_LATENT_SCALE) < 1e-6 else "sd15"
+            files["preview"] = encode_preview_png(out, family)
+        if job.output_image:
+            decoded = prepared.vae.decode(out, tiled=job.tiled)
+            if job.pastes_back:
+                decoded = paste_back(decoded, prepared.pixels, prepared.sampling.mask, job.overlap_factor)
+            files["output_image"] = encode_png(decoded)
+        files["output"] = encode_latent(out, Path(object_name(job.output, "output")).suffix)
+        return files
+
+    def finish(self, prepared: PreparedJob, out: torch.Tensor, files: dict[str, bytes]) -> dict:
+        """Write the job's files (`outputs`); the job's result."""
+        job = prepared.job
+        sha256 = self._write(job, files)
         return {
             "job_id": job.job_id,
             "output": job.output,
-            "sha256": sha256,
+            "sha256": sha256["output"],
             "preview": job.preview,
+            **({"output_image": job.output_image, "output_image_sha256": sha256["output_image"]} if job.output_image else {}),
             "shape": list(out.shape),
             "dtype": str(out.dtype).removeprefix("torch."),
             "device": str(self.device),
@@ -221,20 +260,22 @@ class JobPipeline:
         }
 
     @staticmethod
-    def _write(job: Job, out: torch.Tensor, preview_family: str) -> str:
-        """Write the preview, then the output; if the output fails, take the preview back."""
-        data = encode_latent(out, Path(object_name(job.output, "output")).suffix)
-        if job.preview:
-            write_object(job.preview, encode_preview_png(out, preview_family), "preview", content_type="image/png")
+    def _write(job: Job, files: dict[str, bytes]) -> dict[str, str]:
+        """Write the files in order (the output latent, last, is the commit point); when one fails,
+        take back those written before it. Their sha256 by field."""
+        written: dict[str, str] = {}
         try:
-            return write_object(job.output, data, "output")
+            for field, data in files.items():
+                content_type = "image/png" if field in ("preview", "output_image") else None
+                written[field] = write_object(getattr(job, field), data, field, content_type=content_type)
         except BaseException:
-            if job.preview:
+            for field in written:
                 try:
-                    delete_object(job.preview, "preview")
-                except InvalidFile as e:  # the output's error is the job's; this one is only logged
-                    log.warning("output write failed and the preview %s could not be taken back: %s", job.preview, e)
+                    delete_object(getattr(job, field), field)
+                except InvalidFile as e:  # the failed write's error is the job's; this one is only logged
+                    log.warning("a write failed and %s %s could not be taken back: %s", field, getattr(job, field), e)
             raise
+        return written
 
 
 def run_job(job: Job, options: RunOptions, on_progress: ProgressHook | None = None) -> dict:

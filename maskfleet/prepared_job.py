@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Any, Hashable, Sequence
 
 import torch
 
@@ -29,6 +29,8 @@ class PreparedJob:
     started_at: float
     sampling_at: float = 0.0  # wall clock: first model call, end of sampling
     sampled_at: float = 0.0
+    vae: Any = None  # the base model's VAECodec, when the job encodes a picture or writes one
+    pixels: torch.Tensor | None = None  # the input picture as encoded ([1, H, W, 3], cropped), for paste-back
 
     def sample(self, on_progress: ProgressHook | None = None, should_stop: StopHook | None = None) -> torch.Tensor:
         """Sample this job alone; records when its model calls began and ended."""

@@ -97,7 +97,10 @@ def flaky_pipeline(monkeypatch, failures: int, retries: int):
         def __init__(self):  # no models, no device: only the write path is exercised
             self.write_retries, self.calls = retries, 0
 
-        def finish(self, prepared, out) -> dict:
+        def outputs(self, prepared, out) -> dict:
+            return {"output": b"latent"}
+
+        def finish(self, prepared, out, files) -> dict:
             self.calls += 1
             if self.calls <= failures:
                 raise StorageUnavailable("output", "S3 error SlowDown (HTTP 503), after retries")

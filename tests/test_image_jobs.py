@@ -1,0 +1,197 @@
+"""Pictures in and out: VAE encode and decode as ComfyUI does, paste-back, tiles.
+
+A tiny random-weight AutoencoderKL (diffusers', made on the spot) beside the tiny golden
+UNet: our encode and decode equal diffusers' own calls, a job given a picture equals the
+same job given the latent it encodes to, and the output picture keeps the input's pixels
+bit for bit outside the grown mask.
+"""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from golden_jobs import TINY_UNET
+from maskfleet.job import parse_job
+from maskfleet.job_pipeline import RunOptions, run_job
+from maskfleet.sampling.masks import grow_mask
+from maskfleet.storage.image_files import decode_image, to_uint8
+from maskfleet.vae_codec import VAECodec, crop_to_multiple, load_vae
+
+HEIGHT, WIDTH = 100, 76  # not multiples of 8: cropped to 96 x 72 around the centre
+OVERLAP = 3
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=32, latent_channels=4,
+                         sample_size=64, down_block_types=["DownEncoderBlock2D"] * 4,
+                         up_block_types=["UpDecoderBlock2D"] * 4).eval()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A model store with `tiny-img` (the golden UNet + a tiny VAE) and `tiny` (no VAE); a picture, a mask, prompts."""
+    root = tmp_path_factory.mktemp("images")
+    models = root / "models"
+    shutil.copytree(TINY_UNET, models / "tiny-img" / "unet")
+    tiny_vae().save_pretrained(models / "tiny-img" / "vae")
+    shutil.copytree(TINY_UNET, models / "tiny")
+    g = torch.Generator().manual_seed(3)
+    pixels = (torch.rand(HEIGHT, WIDTH, 3, generator=g) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(root / "in.png")
+    mask = torch.zeros(1, 96, 72)
+    mask[:, 30:70, 20:50] = 1.0
+    save_file({"mask": mask}, root / "mask.safetensors")
+    for name in ("pos", "neg"):
+        save_file({"prompt_embeds": torch.randn(1, 8, 32, generator=g)}, root / f"{name}.safetensors")
+    return root
+
+
+def job(files: Path, name: str, **changes) -> dict:
+    def sampler(cfg):
+        return {"model": "tiny-img", "sampler_name": "euler", "scheduler": "karras", "cfg": cfg,
+                "positive": (files / "pos.safetensors").as_uri(), "negative": (files / "neg.safetensors").as_uri()}
+
+    doc = {"seed": 5, "steps": 3, "overlap_factor": OVERLAP, "image": (files / "in.png").as_uri(),
+           "mask": (files / "mask.safetensors").as_uri(), "base_sampler": sampler(5.0), "mask_sampler": sampler(3.0),
+           "output": (files / f"{name}.latent").as_uri(), "output_image": (files / f"{name}.png").as_uri()}
+    doc.update(changes)
+    return {k: v for k, v in doc.items() if v is not None}
+
+
+def run(files: Path, doc: dict) -> dict:
+    return run_job(parse_job(doc), RunOptions(models_root=str(files / "models"), device="cpu"))
+
+
+def read_png(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())
+
+
+def test_the_crop_is_comfyuis_around_the_centre():
+    pixels = torch.arange(HEIGHT * WIDTH, dtype=torch.float32).reshape(1, HEIGHT, WIDTH, 1)
+    cropped = crop_to_multiple(pixels)
+    assert cropped.shape == (1, 96, 72, 1)
+    assert cropped[0, 0, 0, 0] == pixels[0, 2, 2, 0]  # 100 % 8 = 4 rows: 2 above, 2 below; likewise columns
+
+
+def test_encode_and_decode_are_diffusers_own_calls(files):
+    codec = load_vae(files / "models" / "tiny-img", torch.device("cpu"))
+    pixels = crop_to_multiple(decode_image((files / "in.png").read_bytes(), "image"))
+    latent = codec.encode(pixels)
+    with torch.no_grad():
+        want = codec.vae.encode(pixels.permute(0, 3, 1, 2) * 2 - 1).latent_dist.mode()
+        decoded_want = ((codec.vae.decode(latent).sample + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+    assert latent.shape == (1, 4, 12, 9) and torch.equal(latent, want)
+    assert torch.equal(codec.decode(latent), decoded_want)
+
+
+def test_a_picture_job_is_the_job_on_the_latent_it_encodes_to(files):
+    pictured = run(files, job(files, "pictured"))
+    codec = load_vae(files / "models" / "tiny-img", torch.device("cpu"))
+    latent = codec.encode(crop_to_multiple(decode_image((files / "in.png").read_bytes(), "image")))
+    save_file({"latent_tensor": latent, "latent_format_version_0": torch.tensor([])}, files / "encoded.latent")
+    run(files, job(files, "from-latent", image=None, latent=(files / "encoded.latent").as_uri(), output_image=None))
+    out = load_file(files / "pictured.latent")["latent_tensor"]
+    assert torch.equal(out, load_file(files / "from-latent.latent")["latent_tensor"])
+    assert pictured["output_image"].endswith("pictured.png") and len(pictured["output_image_sha256"]) == 64
+
+
+def test_paste_back_keeps_the_input_pixels_outside_the_grown_mask(files):
+    run(files, job(files, "pasted"))
+    run(files, job(files, "unpasted", paste_back=False))
+    pasted, unpasted = read_png(files / "pasted.png"), read_png(files / "unpasted.png")
+    original = read_png(files / "in.png")[2:98, 2:74]
+    assert pasted.shape == unpasted.shape == original.shape == (96, 72, 3)
+    region = grow_mask(load_file(files / "mask.safetensors")["mask"], 12, 9, OVERLAP)
+    outside = torch.nn.functional.interpolate(region, size=(96, 72))[0, 0] == 0
+    inside = torch.zeros(96, 72, dtype=torch.bool)
+    inside[40:60, 28:42] = True  # well inside the mask (rows 30:70, columns 20:50), where the blend weight is 1
+    assert outside.any() and inside.any()
+    assert torch.equal(pasted[outside], original[outside])  # bit for bit
+    assert not torch.equal(unpasted[outside], original[outside])  # what the VAE round trip alone gives
+    decoded = to_uint8(load_vae(files / "models" / "tiny-img", torch.device("cpu")).decode(
+        load_file(files / "pasted.latent")["latent_tensor"]))[0]
+    assert torch.equal(unpasted, decoded)
+    assert (pasted[inside].int() - decoded[inside].int()).abs().max() <= 1  # the decoded pixels on the mask
+
+
+def test_tiles_encode_and_decode_in_pieces(files):
+    """`tiled`: diffusers' overlapping tiles, more than one decoder call for a picture over a tile."""
+    codec = load_vae(files / "models" / "tiny-img", torch.device("cpu"))
+    calls = []
+    hook = codec.vae.decoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        latent = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(0))
+        whole = codec.decode(latent)
+        assert len(calls) == 1
+        tiled = codec.decode(latent, tiled=True)
+    finally:
+        hook.remove()
+    assert len(calls) > 2 and tiled.shape == whole.shape == (1, 128, 192, 3)
+    assert not codec.vae.use_tiling  # switched off again
+    run(files, job(files, "tiled", tiled=True))
+    assert read_png(files / "tiled.png").shape == (96, 72, 3)
+
+
+def test_out_of_memory_whole_falls_back_to_tiles():
+    vae = tiny_vae()
+    codec = VAECodec(vae, torch.device("cpu"))
+    latent = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(0))
+    want = codec.decode(latent, tiled=True)
+    real = vae.decode
+
+    def whole_does_not_fit(z, *args, **kwargs):
+        if not vae.use_tiling:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(z, *args, **kwargs)
+
+    vae.decode = whole_does_not_fit
+    assert torch.equal(codec.decode(latent), want)
+
+
+def _no_vae(doc: dict) -> dict:
+    doc["base_sampler"]["model"] = doc["mask_sampler"]["model"] = "tiny"
+    return doc
+
+
+def _picture(files: Path, name: str, data: bytes) -> str:
+    (files / name).write_bytes(data)
+    return (files / name).as_uri()
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _zeros_latent(files: Path) -> str:
+    save_file({"latent_tensor": torch.zeros(1, 4, 12, 9), "latent_format_version_0": torch.tensor([])}, files / "zeros.latent")
+    return (files / "zeros.latent").as_uri()
+
+
+@pytest.mark.parametrize("make, field, said", [
+    (lambda f, d: _no_vae(d), "image", "has no VAE"),
+    (lambda f, d: _no_vae({**d, "image": None, "latent": _zeros_latent(f)}), "output_image", "has no VAE"),
+    (lambda f, d: {**d, "image": _picture(f, "small.png", _png(30, 4))}, "image", "at least 8"),
+    (lambda f, d: {**d, "image": _picture(f, "garbage.png", b"not a picture at all")}, "image", "not an image"),
+    (lambda f, d: {**d, "output_image": (f / "refused.jpg").as_uri()}, "output_image", "must name a .png object"),
+])
+def test_refusals_name_the_field_and_write_nothing(files, make, field, said):
+    from maskfleet.sampling.errors import InvalidInput
+    from maskfleet.storage.errors import InvalidFile
+
+    doc = {k: v for k, v in make(files, job(files, "refused")).items() if v is not None}
+    with pytest.raises((InvalidInput, InvalidFile)) as refused:
+        run(files, doc)
+    assert str(refused.value).startswith(f"{field}: ") and said in str(refused.value), str(refused.value)
+    assert not (files / "refused.latent").exists() and not (files / "refused.png").exists()
