@@ -1,5 +1,6 @@
 """Shared fixtures. ``s3_server``: a real S3-compatible server for the session; and the
 session's own redis-server, so the suite never flushes a database of a shared Redis.
+The whole run is offline for Hugging Face's libraries (HF_HUB_OFFLINE=1).
 
 Unless ``MASKFLEET_TEST_REDIS`` names a Redis to use (``redis://host:port``, DBs 1-15 are
 claimed and flushed there), a private ``redis-server`` on a free loopback port serves the
@@ -18,6 +19,10 @@ from redis_server import RedisServer
 from s3_server import S3Server
 
 TEST_REDIS_ENV = "MASKFLEET_TEST_REDIS"
+# No test may reach a model hub: every model is made on the spot or read from tests/data. Set before
+# diffusers or transformers are imported; the workers and commands the tests start inherit it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 _private_redis: list[tuple[RedisServer, Path]] = []
 
 
