@@ -62,3 +62,44 @@ def write_checkpoint(unet_dir: Path, path: Path, prefix: str = "model.diffusion_
     if sidecar is not None:
         path.with_suffix(".json").write_text(json.dumps(sidecar))
     return path
+
+
+VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def ldm_vae_key(key: str, levels: int) -> str:
+    """The LDM (ComfyUI) name of a diffusers AutoencoderKL key (attention weights are 1x1 convs there)."""
+    for ours, theirs in (("encoder.conv_norm_out", "encoder.norm_out"), ("decoder.conv_norm_out", "decoder.norm_out")):
+        if key.startswith(ours + "."):
+            return theirs + key[len(ours):]
+    parts = key.split(".")
+    if len(parts) < 3 or parts[1] not in ("down_blocks", "up_blocks", "mid_block"):
+        return key  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
+    coder = parts[0]
+    if parts[1] == "mid_block":
+        if parts[2] == "resnets":
+            return f"{coder}.mid.block_{int(parts[3]) + 1}." + _vae_inner(parts[4:])
+        inner = ".".join(parts[4:-1])  # attentions.0.<layer>.weight
+        return f"{coder}.mid.attn_1.{VAE_ATTENTION[inner]}.{parts[-1]}"
+    i = int(parts[2])
+    level, name = (i, "down") if parts[1] == "down_blocks" else (levels - 1 - i, "up")
+    if parts[3] in ("downsamplers", "upsamplers"):
+        return f"{coder}.{name}.{level}.{parts[3][:-2]}.conv.{parts[-1]}"  # downsample / upsample
+    return f"{coder}.{name}.{level}.block.{parts[4]}." + _vae_inner(parts[5:])
+
+
+def _vae_inner(rest: list[str]) -> str:
+    return ".".join([VAE_RESNET.get(rest[0], rest[0])] + rest[1:])
+
+
+def ldm_vae_tensors(vae, prefix: str = "first_stage_model.") -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL's weights under their LDM names (attention as 1x1 convs)."""
+    levels = len(vae.config.block_out_channels)
+    out = {}
+    for key, value in vae.state_dict().items():
+        name = ldm_vae_key(key, levels)
+        if ".attn_1." in name and name.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]
+        out[prefix + name] = value.contiguous()
+    return out

@@ -195,3 +195,23 @@ def test_refusals_name_the_field_and_write_nothing(files, make, field, said):
         run(files, doc)
     assert str(refused.value).startswith(f"{field}: ") and said in str(refused.value), str(refused.value)
     assert not (files / "refused.latent").exists() and not (files / "refused.png").exists()
+
+
+def test_a_checkpoints_own_vae_is_the_folders(files, tmp_path):
+    """A full checkpoint (UNet under model.diffusion_model., VAE under first_stage_model.): its VAE loads
+    with the folder's weights, and a picture job on the single file gives the folder's outputs bitwise."""
+    from ldm_checkpoints import ldm_vae_tensors, write_checkpoint
+
+    folder_vae = load_vae(files / "models" / "tiny-img", torch.device("cpu"))
+    models = tmp_path / "models"
+    models.mkdir()
+    write_checkpoint(TINY_UNET, models / "tiny-img.safetensors", extra=ldm_vae_tensors(folder_vae.vae))
+    file_vae = load_vae(models / "tiny-img.safetensors", torch.device("cpu"))
+    ours, theirs = file_vae.vae.state_dict(), folder_vae.vae.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    doc = job(files, "from-folder")
+    run(files, doc)
+    run_job(parse_job({**doc, "output": (tmp_path / "file.latent").as_uri(), "output_image": (tmp_path / "file.png").as_uri()}),
+            RunOptions(models_root=str(models), device="cpu"))
+    assert torch.equal(load_file(tmp_path / "file.latent")["latent_tensor"], load_file(files / "from-folder.latent")["latent_tensor"])
+    assert torch.equal(read_png(tmp_path / "file.png"), read_png(files / "from-folder.png"))
