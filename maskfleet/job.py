@@ -52,6 +52,7 @@ class SamplerSpec(BaseModel):
     sampler_name: SamplerName = Field(description="ComfyUI sampler name.")
     scheduler: SchedulerName = Field(description="ComfyUI scheduler name.")
     cfg: float = Field(8.0, ge=0.0, le=100.0, description="Classifier-free guidance scale; 1.0 skips the negative prompt.")
+    vae: str | None = Field(None, pattern=MODEL_NAME_PATTERN, description="A VAE of its own from the model store (a diffusers AutoencoderKL folder or a single safetensors file, as ComfyUI's VAELoader takes), for `image` and `output_image` instead of the model's own; only the base sampler's is used (a mask_sampler.vae must name the same).")
     positive: Conditioning
     negative: Conditioning
 
@@ -106,6 +107,9 @@ class Job(SamplingParams):
             raise InvalidInput("latent", "required: give latent (a latent file) or image (a picture the model's VAE encodes)")
         if self.paste_back and self.image is None:
             raise InvalidInput("paste_back", "needs image: it pastes the input picture's pixels back outside the mask")
+        if self.mask_sampler.vae is not None and self.mask_sampler.vae != self.base_sampler.vae:
+            raise InvalidInput("mask_sampler.vae", "the picture is encoded and decoded once, with base_sampler.vae: "
+                                                   f"name the same VAE there ({self.base_sampler.vae!r}) or leave it out")
         return self
 
     @model_validator(mode="after")

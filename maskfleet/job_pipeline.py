@@ -139,14 +139,18 @@ class JobPipeline:
             model_dirs = {field: self.store.local_model(getattr(job, field).model, f"{field}.model") for field in SAMPLER_FIELDS}
         takes = {field: unet_inputs(model_dirs[field], f"{field}.model") for field in SAMPLER_FIELDS}
         pixels = None
+        vae_path = model_dirs["base_sampler"]
+        if (job.image is not None or job.output_image is not None) and job.base_sampler.vae is not None:
+            with self._loading:
+                vae_path = self.store.local_model(job.base_sampler.vae, "base_sampler.vae")
         if job.image is not None:  # checked as the latent it will encode to; encoded once every input is checked
             pixels = crop_to_multiple(read_image(job.image, "image"))
-            channels = vae_latent_channels(model_dirs["base_sampler"], "image")
+            channels = vae_latent_channels(vae_path, "image")
             latent = torch.empty(1, channels, pixels.shape[1] // DOWNSCALE, pixels.shape[2] // DOWNSCALE, device="meta")
         else:
             latent = read_latent(job.latent, "latent")
         if job.output_image is not None:
-            vae_latent_channels(model_dirs["base_sampler"], "output_image")
+            vae_latent_channels(vae_path, "output_image")
         mask = read_mask(job.mask, "mask")
         cond = {
             f"{field}.{kind}": self._conditioning(getattr(getattr(job, field), kind), model_dirs[field], f"{field}.{kind}")
@@ -154,7 +158,7 @@ class JobPipeline:
             for kind in ("positive", "negative")
         }
         check_inputs_fit(job, latent, mask, cond, takes)
-        vae = self._vae(job, model_dirs["base_sampler"]) if pixels is not None or job.output_image else None
+        vae = self._vae(job, vae_path) if pixels is not None or job.output_image else None
         if pixels is not None:
             latent = vae.encode(pixels, tiled=job.tiled)
         size_ids = default_size_ids(*latent.shape[-2:])
@@ -177,12 +181,12 @@ class JobPipeline:
                                job.sampling_params())
         return PreparedJob(job, sampling, started, started_at, vae=vae, pixels=pixels)
 
-    def _vae(self, job: Job, model_path: Path) -> VAECodec:
-        """The base sampler's model's VAE, kept loaded with the models."""
-        name = job.base_sampler.model
+    def _vae(self, job: Job, vae_path: Path) -> VAECodec:
+        """The base sampler's VAE (its `vae`, else its model's), kept loaded with the models."""
+        spec = job.base_sampler
+        name, field = (f"{spec.vae}/vae", "base_sampler.vae") if spec.vae else (f"{spec.model}/vae", "base_sampler.model")
         with self._loading:
-            return self.models.get(f"{name}/vae", "base_sampler.model", lambda: load_vae(model_path, self.device),
-                                   dtype=torch.float32)
+            return self.models.get(name, field, lambda: load_vae(vae_path, self.device, field), dtype=torch.float32)
 
     def sampled(self, job: Job, on_progress: ProgressHook | None = None,
                 should_stop: StopHook | None = None) -> tuple[PreparedJob, torch.Tensor]:

@@ -12,9 +12,11 @@ Large pictures: `tiled` encodes and decodes in overlapping tiles blended at the 
 ComfyUI falls back to tiled decoding. One lock per codec: the job threads of a pipelined
 worker share the loaded VAE, and tiling is a switch on it.
 
-The VAE comes from a diffusers folder's `vae/` (config.json + safetensors weights) or a
-single-file checkpoint's `first_stage_model.` keys (renamed by diffusers' converter, its
-config from the tensor shapes).
+The VAE comes from a diffusers folder's `vae/` (config.json + safetensors weights), a
+single-file checkpoint's `first_stage_model.` keys, a VAE of its own in the model store
+(a diffusers AutoencoderKL folder, or a bare LDM VAE file as ComfyUI's VAELoader takes
+it; a sampler's `vae` names it). Single files are renamed by diffusers' converter, their
+config from the tensor shapes.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from .sampling.errors import InvalidInput
 
 DOWNSCALE = 8
 LDM_VAE_PREFIX = "first_stage_model."
+VAE_PARTS = ("encoder", "decoder", "quant_conv", "post_quant_conv")
 
 
 def crop_to_multiple(pixels: torch.Tensor, multiple: int = DOWNSCALE) -> torch.Tensor:
@@ -81,20 +84,22 @@ class VAECodec:
 
 
 def vae_latent_channels(model_path: Path, field: str) -> int:
-    """The latent channels of the model's VAE, from its config or header alone (no weights read);
-    InvalidInput when the model has none."""
+    """The latent channels of the VAE at `model_path` (see `load_vae`), from its config or header alone
+    (no weights read); InvalidInput when there is none."""
     model_path = Path(model_path)
     if model_path.is_file():
         return int(_checkpoint_vae_config(model_path, field)["latent_channels"])
-    config = model_path / "vae" / "config.json"
-    if not _folder_has_vae(model_path):
+    folder = _vae_folder(model_path)
+    if folder is None:
         raise InvalidInput(field, f"model {model_path.name!r} has no VAE (a vae/ folder with config.json and safetensors "
                                   "weights), so it cannot encode or decode pictures")
-    return int(json.loads(config.read_text()).get("latent_channels", 4))
+    return int(json.loads((folder / "config.json").read_text()).get("latent_channels", 4))
 
 
 def load_vae(model_path: Path, device: torch.device, field: str = "model") -> VAECodec:
-    """The model's VAE on `device` in float32: its folder's `vae/`, or a checkpoint's `first_stage_model.`."""
+    """The VAE at `model_path` on `device` in float32: a model folder's `vae/`, a diffusers AutoencoderKL
+    folder, or a single file (a checkpoint's `first_stage_model.` keys, or a bare VAE file as ComfyUI's
+    models/vae holds them)."""
     from diffusers import AutoencoderKL
 
     model_path = Path(model_path)
@@ -102,36 +107,51 @@ def load_vae(model_path: Path, device: torch.device, field: str = "model") -> VA
         vae = _checkpoint_vae(model_path, field)
     else:
         vae_latent_channels(model_path, field)  # the refusal when there is none
-        vae = AutoencoderKL.from_pretrained(model_path / "vae", torch_dtype=torch.float32, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(_vae_folder(model_path), torch_dtype=torch.float32, use_safetensors=True)
     vae.to(device).eval().requires_grad_(False)
     return VAECodec(vae, device)
 
 
-def _folder_has_vae(model_dir: Path) -> bool:
-    vae = model_dir / "vae"
-    return (vae / "config.json").is_file() and any(vae.glob("*.safetensors"))
+def _vae_folder(model_dir: Path) -> Path | None:
+    """The folder holding the VAE's config and weights: `vae/` of a pipeline, or the folder itself when it is one."""
+    for folder in (model_dir / "vae", model_dir):
+        config = folder / "config.json"
+        if config.is_file() and any(folder.glob("*.safetensors")):
+            if folder != model_dir or json.loads(config.read_text()).get("_class_name") == "AutoencoderKL":
+                return folder
+    return None
+
+
+def _vae_prefix(keys) -> str | None:
+    for prefix in (LDM_VAE_PREFIX, ""):
+        if f"{prefix}encoder.conv_in.weight" in keys:
+            return prefix
+    return None
 
 
 def _checkpoint_vae_config(path: Path, field: str) -> dict:
-    """A diffusers AutoencoderKL config from a checkpoint's `first_stage_model.` shapes."""
+    """A diffusers AutoencoderKL config from the LDM VAE's shapes in a single file (its scaling factor is
+    not used: the sampler applies the model's latent scale)."""
     from safetensors import safe_open
 
-    from .checkpoint_files import read_checkpoint
-
-    with safe_open(str(path), framework="pt") as f:
-        shapes = {k[len(LDM_VAE_PREFIX):]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(LDM_VAE_PREFIX)}
-    if "encoder.conv_in.weight" not in shapes:
-        raise InvalidInput(field, f"{path.name} holds no VAE (no {LDM_VAE_PREFIX} keys), so it cannot encode or decode "
-                                  "pictures")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            prefix = _vae_prefix(set(f.keys()))
+            if prefix is None:
+                raise InvalidInput(field, f"{path.name} holds no VAE (no encoder.conv_in, bare or under {LDM_VAE_PREFIX}), "
+                                          "so it cannot encode or decode pictures")
+            shapes = {k[len(prefix):]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(prefix)}
+    except InvalidInput:
+        raise
+    except Exception as e:  # safetensors' own errors
+        raise InvalidInput(field, f"{path.name} is not a readable safetensors file: {e}") from None
     levels = sorted({int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down.")})
     channels = [shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in levels]
     layers = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down.0.block.")})
-    sdxl = read_checkpoint(path, field).family == "SDXL"
     return {"in_channels": shapes["encoder.conv_in.weight"][1], "out_channels": shapes["decoder.conv_out.weight"][0],
             "down_block_types": ["DownEncoderBlock2D"] * len(levels), "up_block_types": ["UpDecoderBlock2D"] * len(levels),
             "block_out_channels": channels, "layers_per_block": layers,
-            "latent_channels": shapes["encoder.conv_out.weight"][0] // 2, "sample_size": 1024 if sdxl else 512,
-            "scaling_factor": 0.13025 if sdxl else 0.18215}
+            "latent_channels": shapes["encoder.conv_out.weight"][0] // 2, "sample_size": 512}
 
 
 def _checkpoint_vae(path: Path, field: str):
@@ -141,7 +161,9 @@ def _checkpoint_vae(path: Path, field: str):
 
     config = _checkpoint_vae_config(path, field)
     with safe_open(str(path), framework="pt") as f:
-        weights = {k: f.get_tensor(k) for k in f.keys() if k.startswith(LDM_VAE_PREFIX)}
+        prefix = _vae_prefix(set(f.keys()))
+        weights = {LDM_VAE_PREFIX + k[len(prefix):]: f.get_tensor(k) for k in f.keys()
+                   if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] in VAE_PARTS}
     vae = AutoencoderKL(**config)
     missing, unexpected = vae.load_state_dict(convert_ldm_vae_checkpoint(weights, config), strict=False)
     if missing or unexpected:

@@ -215,3 +215,31 @@ def test_a_checkpoints_own_vae_is_the_folders(files, tmp_path):
             RunOptions(models_root=str(models), device="cpu"))
     assert torch.equal(load_file(tmp_path / "file.latent")["latent_tensor"], load_file(files / "from-folder.latent")["latent_tensor"])
     assert torch.equal(read_png(tmp_path / "file.png"), read_png(files / "from-folder.png"))
+
+
+def test_a_vae_of_its_own_from_the_store(files, tmp_path):
+    """A sampler's `vae` names a VAE in the store (ComfyUI's VAELoader): a bare LDM VAE file, or a diffusers
+    AutoencoderKL folder; the job's outputs are those of the model's own VAE with the same weights."""
+    from ldm_checkpoints import ldm_vae_tensors
+
+    models = tmp_path / "models"
+    shutil.copytree(TINY_UNET, models / "no-vae")
+    own = load_vae(files / "models" / "tiny-img", torch.device("cpu"))
+    save_file(ldm_vae_tensors(own.vae, prefix=""), models / "my-vae.safetensors")
+    shutil.copytree(files / "models" / "tiny-img" / "vae", models / "vae-folder")
+    run(files, job(files, "own-vae"))
+    for vae in ("my-vae", "vae-folder"):
+        doc = job(files, vae, output=(tmp_path / f"{vae}.latent").as_uri(), output_image=(tmp_path / f"{vae}.png").as_uri())
+        doc["base_sampler"] = {**doc["base_sampler"], "model": "no-vae", "vae": vae}
+        doc["mask_sampler"] = {**doc["mask_sampler"], "model": "no-vae"}
+        run_job(parse_job(doc), RunOptions(models_root=str(models), device="cpu"))
+        assert torch.equal(read_png(tmp_path / f"{vae}.png"), read_png(files / "own-vae.png")), vae
+
+
+def test_the_mask_sampler_may_not_name_another_vae(files):
+    from maskfleet.job import JobError
+
+    doc = job(files, "x")
+    doc["mask_sampler"] = {**doc["mask_sampler"], "vae": "other"}
+    with pytest.raises(JobError, match="^mask_sampler.vae: "):
+        parse_job(doc)
