@@ -2,6 +2,8 @@
 
 inputs -> checks -> sampling -> output write (with its retry) -> result, in one call,
 `JobPipeline.run`: `maskfleet run`, the fleet's task and the embedded demo all call it.
+A picture given as input is encoded by the VAE once every input is checked; the outputs
+(preview, decoded picture, latent) are made once and then written, the latent last.
 
 Data flows one way: every URI checked (local outputs against the allowed roots too) ->
 models found (fetched into the cache if the store is S3) -> inputs read and checked,
@@ -38,11 +40,11 @@ from .sampling.sdxl_conditioning import default_size_ids, pack
 from .sampling.unet_denoiser import UNetDenoiser
 from .storage.conditioning_files import read_conditioning_with_pooled
 from .storage.errors import InvalidFile, StorageUnavailable
+from .storage.image_files import encode_png, read_image
 from .storage.latent_files import encode_latent, read_latent
 from .storage.mask_files import read_mask
 from .storage.model_store import ModelStore
 from .storage.objects import delete_object, object_name, write_object
-from .storage.image_files import encode_png, read_image
 from .storage.preview_png import encode_preview_png
 from .vae_codec import DOWNSCALE, VAECodec, crop_to_multiple, load_vae, vae_latent_channels
 
@@ -113,7 +115,7 @@ class JobPipeline:
         self.dtype = DTYPES[options.dtype]
         self.write_retries = options.write_retries
         self.store = ModelStore(options.models_root, options.model_cache_dir)
-        self.models: LoadedModels[UNetDenoiser] = LoadedModels(device=self.device, dtype=self.dtype)
+        self.models: LoadedModels[UNetDenoiser | VAECodec] = LoadedModels(device=self.device, dtype=self.dtype)
         self.prompts = PromptEncoder(self.device, self.dtype)
         self.lane = lane
         self._loading = threading.Lock()  # model store, model LRU and prompt encoder: one thread at a time
@@ -138,19 +140,10 @@ class JobPipeline:
         with self._loading:
             model_dirs = {field: self.store.local_model(getattr(job, field).model, f"{field}.model") for field in SAMPLER_FIELDS}
         takes = {field: unet_inputs(model_dirs[field], f"{field}.model") for field in SAMPLER_FIELDS}
-        pixels = None
-        vae_path = model_dirs["base_sampler"]
-        if (job.image is not None or job.output_image is not None) and job.base_sampler.vae is not None:
-            with self._loading:
-                vae_path = self.store.local_model(job.base_sampler.vae, "base_sampler.vae")
-        if job.image is not None:  # checked as the latent it will encode to; encoded once every input is checked
-            pixels = crop_to_multiple(read_image(job.image, "image"))
-            channels = vae_latent_channels(vae_path, "image")
-            latent = torch.empty(1, channels, pixels.shape[1] // DOWNSCALE, pixels.shape[2] // DOWNSCALE, device="meta")
-        else:
-            latent = read_latent(job.latent, "latent")
+        vae_path = self._vae_path(job, model_dirs["base_sampler"])
+        latent, pixels = self._input(job, vae_path)
         if job.output_image is not None:
-            vae_latent_channels(vae_path, "output_image")
+            vae_latent_channels(vae_path, "output_image")  # type: ignore[arg-type]
         mask = read_mask(job.mask, "mask")
         cond = {
             f"{field}.{kind}": self._conditioning(getattr(getattr(job, field), kind), model_dirs[field], f"{field}.{kind}")
@@ -158,7 +151,7 @@ class JobPipeline:
             for kind in ("positive", "negative")
         }
         check_inputs_fit(job, latent, mask, cond, takes)
-        vae = self._vae(job, vae_path) if pixels is not None or job.output_image else None
+        vae = self._vae(job, vae_path) if vae_path is not None else None
         if pixels is not None:
             latent = vae.encode(pixels, tiled=job.tiled)
         size_ids = default_size_ids(*latent.shape[-2:])
@@ -180,6 +173,25 @@ class JobPipeline:
         sampling = SamplingJob(latent.to(self.device), mask, samplers["base_sampler"], samplers["mask_sampler"],
                                job.sampling_params())
         return PreparedJob(job, sampling, started, started_at, vae=vae, pixels=pixels)
+
+    def _vae_path(self, job: Job, base_model: Path) -> Path | None:
+        """Where the job's VAE is (the base sampler's `vae`, else its model) when it reads or writes a picture."""
+        if job.image is None and job.output_image is None:
+            return None
+        if job.base_sampler.vae is None:
+            return base_model
+        with self._loading:
+            return self.store.local_model(job.base_sampler.vae, "base_sampler.vae")
+
+    def _input(self, job: Job, vae_path: Path | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the input latent, the picture it will be encoded from or None). A picture is read and cropped
+        now, and stands as the shape of the latent it gives (on the meta device) until every input is
+        checked: then it is encoded."""
+        if job.image is None:
+            return read_latent(job.latent, "latent"), None
+        pixels = crop_to_multiple(read_image(job.image, "image"))
+        channels = vae_latent_channels(vae_path, "image")  # type: ignore[arg-type]
+        return torch.empty(1, channels, pixels.shape[1] // DOWNSCALE, pixels.shape[2] // DOWNSCALE, device="meta"), pixels
 
     def _vae(self, job: Job, vae_path: Path) -> VAECodec:
         """The base sampler's VAE (its `vae`, else its model's), kept loaded with the models."""
