@@ -90,9 +90,9 @@ class Job(SamplingParams):
     mask: str = Field(min_length=1, description="URI of the mask: PNG (ComfyUI LoadImageMask conventions) or safetensors, any resolution, values in [0, 1].")
     base_sampler: SamplerSpec = Field(description="Sampler for everything outside the mask.")
     mask_sampler: SamplerSpec = Field(description="Sampler for the mask, grown by overlap_factor.")
-    output: str = Field(min_length=1, description="URI of the output latent: .latent (ComfyUI format) or .safetensors.")
+    output: str | None = Field(None, min_length=1, description="URI of the output latent: .latent (ComfyUI format) or .safetensors. Give this, `output_image`, or both.")
     preview: str | None = Field(None, min_length=1, description="Optional URI of a PNG preview of the output latent.")
-    output_image: str | None = Field(None, min_length=1, description="Optional URI of a PNG of the result decoded by the base sampler's model's VAE (ComfyUI's VAEDecode and SaveImage: clamp((x + 1) / 2) * 255, truncated), written besides the latent.")
+    output_image: str | None = Field(None, min_length=1, description="Optional URI of a PNG of the result decoded by the base sampler's model's VAE (ComfyUI's VAEDecode and SaveImage: clamp((x + 1) / 2) * 255, truncated), written before the latent (or instead of it when `output` is left out).")
     paste_back: bool | None = Field(None, description="With `image` and `output_image`: outside the grown mask the output picture's pixels are the input's, bit for bit, blended across the overlap band (a VAE round trip changes every pixel). Default: on when `image` is given.")
     tiled: bool = Field(False, description="Encode and decode the picture in overlapping tiles (large images); the VAE falls back to tiles by itself when the whole does not fit in memory.")
     callback: Callback | None = Field(None, description="Fleet only: webhook for the job's status events; `maskfleet run` ignores it.")
@@ -100,11 +100,13 @@ class Job(SamplingParams):
 
     @model_validator(mode="after")
     def _one_input(self) -> "Job":
-        """The input as a latent or as a picture, exactly one of them."""
+        """The input as a latent or as a picture, exactly one of them; at least one output."""
         if self.latent is not None and self.image is not None:
             raise InvalidInput("latent", "give the input as latent or as image, not both")
         if self.latent is None and self.image is None:
             raise InvalidInput("latent", "required: give latent (a latent file) or image (a picture the model's VAE encodes)")
+        if self.output is None and self.output_image is None:
+            raise InvalidInput("output", "required: give output (the latent), output_image (the picture), or both")
         if self.paste_back and self.image is None:
             raise InvalidInput("paste_back", "needs image: it pastes the input picture's pixels back outside the mask")
         if self.mask_sampler.vae is not None and self.mask_sampler.vae != self.base_sampler.vae:

@@ -36,7 +36,7 @@ def check_job_uris(job: Job) -> None:
     outputs = {field: getattr(job, field) for field in ("preview", "output_image", "output") if getattr(job, field)}
     for field, uri in outputs.items():
         check_uri(uri, field)
-    suffix = Path(object_name(job.output, "output")).suffix
+    suffix = Path(object_name(job.output, "output")).suffix if job.output else OUTPUT_SUFFIXES[0]
     if suffix not in OUTPUT_SUFFIXES:
         raise InvalidInput("output", f"suffix must be one of {', '.join(OUTPUT_SUFFIXES)}, got {suffix or 'none'!r}")
     for field in ("preview", "output_image"):

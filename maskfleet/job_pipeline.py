@@ -99,6 +99,17 @@ def model_conditioning(embeds: Embeds, takes: UNetInputs, size_ids: tuple[int, .
     return tokens if takes.pooled_width is None else pack(tokens, pooled, size_ids)  # type: ignore[arg-type]
 
 
+def vae_channels(job: Job, vae_path: Path, takes: UNetInputs, field: str) -> int:
+    """The latent channels of the job's VAE, which must be those the base sampler's UNet takes;
+    refused naming `field` (`image` / `output_image`), or `base_sampler.vae` when it names the VAE."""
+    channels = vae_latent_channels(vae_path, field)
+    if channels != takes.in_channels:
+        blamed = "base_sampler.vae" if job.base_sampler.vae else field
+        raise InvalidInput(blamed, f"the VAE ({vae_path.name}) makes {channels}-channel latents; base_sampler.model "
+                                   f"{job.base_sampler.model!r} takes {takes.in_channels}")
+    return channels
+
+
 class JobPipeline:
     """Runs jobs, keeping models and prompt encodings loaded between them.
 
@@ -141,9 +152,9 @@ class JobPipeline:
             model_dirs = {field: self.store.local_model(getattr(job, field).model, f"{field}.model") for field in SAMPLER_FIELDS}
         takes = {field: unet_inputs(model_dirs[field], f"{field}.model") for field in SAMPLER_FIELDS}
         vae_path = self._vae_path(job, model_dirs["base_sampler"])
-        latent, pixels = self._input(job, vae_path)
+        latent, pixels = self._input(job, vae_path, takes["base_sampler"])
         if job.output_image is not None:
-            vae_latent_channels(vae_path, "output_image")  # type: ignore[arg-type]
+            vae_channels(job, vae_path, takes["base_sampler"], "output_image")  # type: ignore[arg-type]
         mask = read_mask(job.mask, "mask")
         cond = {
             f"{field}.{kind}": self._conditioning(getattr(getattr(job, field), kind), model_dirs[field], f"{field}.{kind}")
@@ -183,14 +194,14 @@ class JobPipeline:
         with self._loading:
             return self.store.local_model(job.base_sampler.vae, "base_sampler.vae")
 
-    def _input(self, job: Job, vae_path: Path | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _input(self, job: Job, vae_path: Path | None, takes: UNetInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the input latent, the picture it will be encoded from or None). A picture is read and cropped
         now, and stands as the shape of the latent it gives (on the meta device) until every input is
         checked: then it is encoded."""
         if job.image is None:
             return read_latent(job.latent, "latent"), None
         pixels = crop_to_multiple(read_image(job.image, "image"))
-        channels = vae_latent_channels(vae_path, "image")  # type: ignore[arg-type]
+        channels = vae_channels(job, vae_path, takes, "image")  # type: ignore[arg-type]
         return torch.empty(1, channels, pixels.shape[1] // DOWNSCALE, pixels.shape[2] // DOWNSCALE, device="meta"), pixels
 
     def _vae(self, job: Job, vae_path: Path) -> VAECodec:
@@ -234,7 +245,7 @@ class JobPipeline:
 
     def outputs(self, prepared: PreparedJob, out: torch.Tensor) -> dict[str, bytes]:
         """The bytes of every file the job writes, by field, in writing order: preview, output_image (the
-        latent decoded by the VAE, the input picture pasted back outside the mask), output last."""
+        latent decoded by the VAE, the input picture pasted back outside the mask), output (when given) last."""
         job = prepared.job
         if not torch.isfinite(out).all():
             raise InvalidInput("output", "sampling produced NaN or infinite values; nothing was written")
@@ -247,7 +258,8 @@ class JobPipeline:
             if job.pastes_back:
                 decoded = paste_back(decoded, prepared.pixels, prepared.sampling.mask, job.overlap_factor)
             files["output_image"] = encode_png(decoded)
-        files["output"] = encode_latent(out, Path(object_name(job.output, "output")).suffix)
+        if job.output:
+            files["output"] = encode_latent(out, Path(object_name(job.output, "output")).suffix)
         return files
 
     def finish(self, prepared: PreparedJob, out: torch.Tensor, files: dict[str, bytes]) -> dict:
@@ -257,7 +269,7 @@ class JobPipeline:
         return {
             "job_id": job.job_id,
             "output": job.output,
-            "sha256": sha256["output"],
+            "sha256": sha256.get("output"),
             "preview": job.preview,
             **({"output_image": job.output_image, "output_image_sha256": sha256["output_image"]} if job.output_image else {}),
             "shape": list(out.shape),
@@ -277,8 +289,8 @@ class JobPipeline:
 
     @staticmethod
     def _write(job: Job, files: dict[str, bytes]) -> dict[str, str]:
-        """Write the files in order (the output latent, last, is the commit point); when one fails,
-        take back those written before it. Their sha256 by field."""
+        """Write the files in order (the last, the output latent when there is one, is the commit point);
+        when one fails, take back those written before it. Their sha256 by field."""
         written: dict[str, str] = {}
         try:
             for field, data in files.items():

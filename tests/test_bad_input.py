@@ -282,6 +282,13 @@ def _png(width: int, height: int, *chunks: tuple[bytes, bytes]) -> bytes:
     return data[:ihdr_end] + extra + data[ihdr_end:]
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels: refused by the size it declares, before decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
 def _ztxt_bomb(i: Inputs) -> dict:
     """A zTXt chunk of about 200 KB that inflates to 200 MB of text."""
     squeeze, parts = zlib.compressobj(9), []
@@ -427,6 +434,8 @@ CASES = [
          _sdxl(base_sampler__positive={"prompt": "a house"})),
     Case("image that does not decode", "image", "worker",
          lambda i: i.job({"latent": DELETE, "image": i.raw_file("not-a-picture.png", b"GIF89a? not really")})),
+    Case("image of 9000 x 9000 pixels (81 Mpx, over the cap)", "image", "worker",
+         lambda i: i.job({"latent": DELETE, "image": i.raw_file("huge.png", _png_header(9000, 9000))})),
     Case("image smaller than 8 pixels", "image", "worker",
          lambda i: i.job({"latent": DELETE, "image": i.raw_file("sliver.png", _png(64, 4))})),
     Case("image with a model that has no VAE", "image", "worker",

@@ -68,7 +68,7 @@ _DELETE = object()
         ("mask_sampler.scheduler", "cosine", "mask_sampler.scheduler"),
         ("mask_sampler.cfg", "high", "mask_sampler.cfg"),
         ("bogus", 1, "bogus: Extra inputs are not permitted"),
-        ("latent", _DELETE, "latent: Field required"),
+        ("latent", _DELETE, "latent: required"),
         ("base_sampler.model", "../tiny", "base_sampler.model"),
         ("base_sampler.model", "missing", "base_sampler.model"),
         ("mask", "file:///nonexistent/mask.png", "mask"),

@@ -243,3 +243,32 @@ def test_the_mask_sampler_may_not_name_another_vae(files):
     doc["mask_sampler"] = {**doc["mask_sampler"], "vae": "other"}
     with pytest.raises(JobError, match="^mask_sampler.vae: "):
         parse_job(doc)
+
+
+def test_a_picture_instead_of_a_latent_out(files):
+    """`output` left out: the picture is the job's one output (and its commit point)."""
+    result = run(files, job(files, "picture-only", output=None))
+    assert result["output"] is None and result["sha256"] is None
+    assert not (files / "picture-only.latent").exists()
+    assert read_png(files / "picture-only.png").shape == (96, 72, 3)
+    from maskfleet.job import JobError
+
+    with pytest.raises(JobError, match="^output: required"):
+        parse_job(job(files, "none", output=None, output_image=None))
+
+
+def test_a_vae_of_other_latent_channels_is_refused(files, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from maskfleet.sampling.errors import InvalidInput
+
+    models = tmp_path / "models"
+    shutil.copytree(TINY_UNET, models / "no-vae")
+    AutoencoderKL(block_out_channels=(32,), layers_per_block=1, latent_channels=16,
+                  down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"]).save_pretrained(models / "wide-vae")
+    doc = job(files, "wide")
+    doc["base_sampler"] = {**doc["base_sampler"], "model": "no-vae", "vae": "wide-vae"}
+    doc["mask_sampler"] = {**doc["mask_sampler"], "model": "no-vae"}
+    with pytest.raises(InvalidInput, match="^base_sampler.vae: the VAE .wide-vae. makes 16-channel latents; "
+                                           "base_sampler.model 'no-vae' takes 4"):
+        run_job(parse_job(doc), RunOptions(models_root=str(models), device="cpu"))
