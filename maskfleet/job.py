@@ -22,6 +22,7 @@ SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
 
 MAX_JOB_BYTES = 1 << 20  # a job document as JSON text; real ones are a few KB
 MAX_SHOWN_NAME = 64  # an unknown field's name is cut to this in an error message
+MAX_SIZE_ID = 16384  # pixels: the largest size an SDXL size id may name
 
 
 class PromptText(BaseModel):
@@ -30,6 +31,17 @@ class PromptText(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(max_length=10000, description="Prompt text; empty is the unconditional prompt.")
+    # SDXL's size conditioning, as ComfyUI's CLIPTextEncodeSDXL takes it (pixels); left out: the plain rule.
+    width: int | None = Field(None, ge=0, le=MAX_SIZE_ID, description="SDXL only: the size conditioning's width; default the latent's width x 8.")
+    height: int | None = Field(None, ge=0, le=MAX_SIZE_ID, description="SDXL only: the size conditioning's height; default the latent's height x 8.")
+    crop_w: int | None = Field(None, ge=0, le=MAX_SIZE_ID, description="SDXL only: crop left; default 0.")
+    crop_h: int | None = Field(None, ge=0, le=MAX_SIZE_ID, description="SDXL only: crop top; default 0.")
+    target_width: int | None = Field(None, ge=0, le=MAX_SIZE_ID, description="SDXL only: target width; default `width`.")
+    target_height: int | None = Field(None, ge=0, le=MAX_SIZE_ID, description="SDXL only: target height; default `height`.")
+
+    def size_overrides(self) -> dict[str, int]:
+        """The SDXL size ids this prompt sets (the others follow the plain rule)."""
+        return {name: value for name, value in self.model_dump(exclude={"prompt"}).items() if value is not None}
 
 
 def _conditioning_kind(value) -> str:

@@ -57,7 +57,8 @@ def check_job_uris(job: Job) -> None:
             confine(local_path(uri, field), field, writing=True)
 
 
-Embeds = tuple[torch.Tensor, "torch.Tensor | None"]  # (prompt embeddings [B, T, D], pooled [B, P] or None)
+# (prompt embeddings [B, T, D], pooled [B, P] or None, SDXL size ids given by name: sdxl_conditioning.size_ids)
+Embeds = tuple[torch.Tensor, "torch.Tensor | None", dict]
 
 
 def check_inputs_fit(job: Job, latent: torch.Tensor, mask: torch.Tensor, cond: dict[str, Embeds],
@@ -84,7 +85,7 @@ def check_inputs_fit(job: Job, latent: torch.Tensor, mask: torch.Tensor, cond: d
             raise InvalidInput("latent", f"has {channels} channels; {field}.model {model!r} takes {unet.in_channels}")
         for kind in ("positive", "negative"):
             name = f"{field}.{kind}"
-            embeds, pooled = cond[name]
+            embeds, pooled, _ = cond[name]
             got = embeds.shape[-1]
             if unet.context_width is not None and got != unet.context_width:
                 raise InvalidInput(name, f"is {got} wide (last dimension); {field}.model {model!r} takes {unet.context_width}")

@@ -36,9 +36,9 @@ from .prompt_encoder import PromptEncoder
 from .sampling import AdvancedSampler, ProgressHook, SamplingJob, StopHook
 from .sampling.errors import InvalidInput, SamplingStopped
 from .sampling.paste_back import paste_back
-from .sampling.sdxl_conditioning import default_size_ids, pack
+from .sampling.sdxl_conditioning import SIZE_ID_NAMES, pack, size_ids
 from .sampling.unet_denoiser import UNetDenoiser
-from .storage.conditioning_files import read_conditioning_with_pooled
+from .storage.conditioning_files import read_conditioning_file
 from .storage.errors import InvalidFile, StorageUnavailable
 from .storage.image_files import encode_png, read_image
 from .storage.latent_files import encode_latent, read_latent
@@ -92,11 +92,14 @@ class OutputWriteFailed(StorageUnavailable):
         self.error = error
 
 
-def model_conditioning(embeds: Embeds, takes: UNetInputs, size_ids: tuple[int, ...]) -> torch.Tensor:
+def model_conditioning(embeds: Embeds, takes: UNetInputs, latent: torch.Tensor) -> torch.Tensor:
     """The conditioning tensor the sampler hands the model: the prompt embeddings, with the pooled
-    embedding and the size ids packed after them for an SDXL-style model (sampling/sdxl_conditioning.py)."""
-    tokens, pooled = embeds
-    return tokens if takes.pooled_width is None else pack(tokens, pooled, size_ids)  # type: ignore[arg-type]
+    embedding and the size ids (those given, else the plain rule for this latent) packed after them
+    for an SDXL-style model (sampling/sdxl_conditioning.py)."""
+    tokens, pooled, given = embeds
+    if takes.pooled_width is None:
+        return tokens
+    return pack(tokens, pooled, size_ids(*latent.shape[-2:], given))  # type: ignore[arg-type]
 
 
 def vae_channels(job: Job, vae_path: Path, takes: UNetInputs, field: str) -> int:
@@ -140,9 +143,10 @@ class JobPipeline:
         """(prompt embeddings, pooled or None) on the device, from a file or the model's text encoder."""
         if isinstance(value, PromptText):
             with self._loading:
-                return self.prompts.encode_with_pooled(model_dir, value.prompt, field)
-        embeds, pooled = read_conditioning_with_pooled(value, field)
-        return embeds.to(self.device), None if pooled is None else pooled.to(self.device)
+                return (*self.prompts.encode_with_pooled(model_dir, value.prompt, field), value.size_overrides())
+        embeds, pooled, ids = read_conditioning_file(value, field)
+        given = {} if ids is None else dict(zip(SIZE_ID_NAMES, ids))
+        return embeds.to(self.device), None if pooled is None else pooled.to(self.device), given
 
     def prepare(self, job: Job) -> PreparedJob:
         """Read and check every input, then load the models: everything before the first model call."""
@@ -165,7 +169,6 @@ class JobPipeline:
         vae = self._vae(job, vae_path) if vae_path is not None else None
         if pixels is not None:
             latent = vae.encode(pixels, tiled=job.tiled)
-        size_ids = default_size_ids(*latent.shape[-2:])
         samplers = {}
         for field in SAMPLER_FIELDS:
             spec = getattr(job, field)
@@ -178,8 +181,8 @@ class JobPipeline:
                 cfg=spec.cfg,
                 sampler_name=spec.sampler_name,
                 scheduler=spec.scheduler,
-                positive=model_conditioning(cond[f"{field}.positive"], takes[field], size_ids),
-                negative=model_conditioning(cond[f"{field}.negative"], takes[field], size_ids),
+                positive=model_conditioning(cond[f"{field}.positive"], takes[field], latent),
+                negative=model_conditioning(cond[f"{field}.negative"], takes[field], latent),
             )
         sampling = SamplingJob(latent.to(self.device), mask, samplers["base_sampler"], samplers["mask_sampler"],
                                job.sampling_params())

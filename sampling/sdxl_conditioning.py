@@ -12,16 +12,28 @@ and split them like any other conditioning, and each row keeps its own pooled ve
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import torch
 
 SIZE_IDS = 6  # height, width, crop_h, crop_w, target_height, target_width
 
 
+SIZE_ID_NAMES = ("height", "width", "crop_h", "crop_w", "target_height", "target_width")
+
+
 def default_size_ids(latent_height: int, latent_width: int) -> tuple[int, ...]:
     """ComfyUI's ids for a plain CLIPTextEncode: the latent's size x 8, no crop, target = size."""
-    height, width = latent_height * 8, latent_width * 8
-    return (height, width, 0, 0, height, width)
+    return size_ids(latent_height, latent_width)
+
+
+def size_ids(latent_height: int, latent_width: int, given: Mapping[str, float] | None = None) -> tuple[float, ...]:
+    """The six ids, in SIZE_ID_NAMES order: those `given` (CLIPTextEncodeSDXL's inputs by name), the
+    others by the plain rule (height and width the latent's x 8, crops 0, targets = height and width)."""
+    given = given or {}
+    height, width = given.get("height", latent_height * 8), given.get("width", latent_width * 8)
+    return (height, width, given.get("crop_h", 0), given.get("crop_w", 0),
+            given.get("target_height", height), given.get("target_width", width))
 
 
 def extra_rows(pooled_width: int, width: int) -> int:

@@ -241,7 +241,7 @@ def test_sdxl_prompts_use_both_encoders_and_the_projected_pooled_embedding(tmp_p
 
 def test_an_sdxl_job_with_text_prompts_equals_the_job_with_their_embedding_files(tmp_path):
     """Bitwise, through `maskfleet run`'s pipeline: text prompts encoded on the worker, or the same
-    encodings sent as files."""
+    encodings sent as files (size conditioning given both ways for one of them)."""
     from safetensors.torch import load_file, save_file
 
     from golden_jobs import IN_REPO_GOLDEN, write_case_job
@@ -262,7 +262,11 @@ def test_an_sdxl_job_with_text_prompts_equals_the_job_with_their_embedding_files
         as_text[field][kind] = {"prompt": text}
         embeds, pooled = direct_sdxl_encoding(model_dir, text)
         path = tmp_path / f"{field}-{kind}.safetensors"
-        save_file({"prompt_embeds": embeds.contiguous(), "pooled_prompt_embeds": pooled.contiguous()}, path)
+        tensors = {"prompt_embeds": embeds.contiguous(), "pooled_prompt_embeds": pooled.contiguous()}
+        if (field, kind) == ("base_sampler", "positive"):  # CLIPTextEncodeSDXL's size inputs, and diffusers' add_time_ids
+            as_text[field][kind].update(width=512, height=768, crop_w=16, crop_h=8, target_width=1024, target_height=1024)
+            tensors["add_time_ids"] = torch.tensor([[768.0, 512.0, 8.0, 16.0, 1024.0, 1024.0]])
+        save_file(tensors, path)
         as_files[field][kind] = path.as_uri()
     as_text["output"] = (tmp_path / "text.latent").as_uri()
     as_files["output"] = (tmp_path / "files.latent").as_uri()

@@ -84,3 +84,39 @@ def test_a_batch_of_sdxl_jobs_gives_each_its_own_result(xl):
     for out, ref in zip(sample_job_batch(jobs, forward="fused"), alone):
         rel = ((out - ref).norm() / ref.norm()).item()
         assert rel < 1e-5, rel  # the golden tolerance is 1e-4
+
+
+def test_size_ids_given_by_name_fill_in_the_rest_by_the_plain_rule():
+    from maskfleet.sampling.sdxl_conditioning import size_ids
+
+    assert size_ids(32, 48, {"width": 1024, "crop_h": 8}) == (256, 1024, 8, 0, 256, 1024)
+    assert size_ids(32, 48, {"target_height": 512}) == (256, 384, 0, 0, 512, 384)
+
+
+def test_size_ids_reach_the_model(tmp_path):
+    """The golden SDXL case with its plain ids given explicitly is bitwise the case; other ids change it."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from golden_jobs import make_models_dir, write_case_job
+    from maskfleet.job import parse_job
+    from maskfleet.job_pipeline import RunOptions, run_job
+
+    job_path, _, _ = write_case_job(IN_REPO_GOLDEN / "cases" / "p03_sdxl_euler_karras_o3", tmp_path / "job")
+    models = make_models_dir(tmp_path, every_golden_model=True)
+    options = RunOptions(models_root=str(models), device="cpu")
+    job = json.loads(job_path.read_text())
+    outs = {}
+    for name, ids in (("plain", None), ("same", [256.0, 256.0, 0.0, 0.0, 256.0, 256.0]), ("other", [1024.0, 768.0, 0.0, 0.0, 1024.0, 768.0])):
+        doc = json.loads(json.dumps(job))
+        if ids is not None:
+            cond = load_file(job["base_sampler"]["positive"].removeprefix("file://"))
+            path = tmp_path / f"pos-{name}.safetensors"
+            save_file({**cond, "add_time_ids": torch.tensor(ids)}, path)
+            doc["base_sampler"]["positive"] = path.as_uri()
+        doc["output"] = (tmp_path / f"{name}.latent").as_uri()
+        run_job(parse_job(doc), options)
+        outs[name] = load_file(tmp_path / f"{name}.latent")["latent_tensor"]
+    assert torch.equal(outs["plain"], outs["same"])
+    assert not torch.equal(outs["plain"], outs["other"])
