@@ -29,6 +29,7 @@ from PIL import Image
 from safetensors.torch import save
 
 from fuzz_limits import memory_cap
+from maskfleet.checkpoint_files import read_checkpoint
 from maskfleet.job import Job, JobError, parse_job
 from maskfleet.job_checks import check_job_uris
 from maskfleet.sampling import SAMPLERS, SCHEDULERS
@@ -38,6 +39,7 @@ from maskfleet.sampling.sampling_job import MAX_STEPS, plan_steps
 from maskfleet.storage.conditioning_files import decode_conditioning_with_pooled
 from maskfleet.storage.errors import InvalidFile
 from maskfleet.storage.latent_files import decode_latent
+from maskfleet.storage.image_files import decode_image
 from maskfleet.storage.mask_files import decode_mask
 
 READER_MEMORY = 2 << 30  # bytes a reader may map beyond what the process holds: a 64 Mpx RGBA mask fits
@@ -175,6 +177,12 @@ def test_hostile_uris_are_refused_naming_their_field_or_accepted(field, scheme, 
 
 # -- the file readers --
 
+# The smallest SD1.x-shaped UNet header: what family detection reads (zeros: only shapes matter).
+UNET_KEYS = {"input_blocks.0.0.weight": (8, 4, 3, 3), "input_blocks.1.0.out_layers.3.weight": (8, 8, 3, 3),
+             "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (8, 16), "input_blocks.1.1.proj_in.weight": (8, 8, 1, 1),
+             "out.2.weight": (4, 8, 3, 3)}
+
+
 def _st(tensors: dict) -> bytes:
     return save({k: v.contiguous() for k, v in tensors.items()})
 
@@ -204,7 +212,11 @@ def seed_files() -> dict[str, list[bytes]]:
         "mask": masks,
         "conditioning": [_st({"prompt_embeds": torch.randn(1, 6, 32, generator=g)}),
                          _st({"prompt_embeds": torch.randn(6, 32, generator=g).bfloat16(),
-                              "pooled_prompt_embeds": torch.randn(32, generator=g)})],
+                              "pooled_prompt_embeds": torch.randn(32, generator=g),
+                              "add_time_ids": torch.tensor([256.0, 256.0, 0.0, 0.0, 256.0, 256.0])})],
+        "image": [_image("RGB", "PNG"), _image("RGBA", "PNG"), _image("L", "JPEG"), _image("P", "GIF"), _image("RGB", "WEBP")],
+        "checkpoint": [_st({f"model.diffusion_model.{k}": torch.zeros(shape) for k, shape in UNET_KEYS.items()}),
+                       _st({k: torch.zeros(shape) for k, shape in {**UNET_KEYS, "label_emb.0.0.weight": (4, 1540)}.items()})],
     }
 
 
@@ -307,13 +319,38 @@ READERS = {
 }
 
 
+def check_image(out) -> None:
+    assert out.dtype == torch.float32 and out.ndim == 4 and out.shape[0] == 1 and out.shape[3] == 3
+    assert min(out.shape[1:3]) >= 8 and float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def check_checkpoint(out) -> None:
+    assert out.family in ("SD1.x", "SD2.x", "SDXL") and out.config["in_channels"] == 4
+    assert out.prediction in ("epsilon", "v_prediction") and out.latent_scale > 0
+
+
+def read_checkpoint_bytes(data: bytes):
+    """read_checkpoint on `data` as a file (it reads headers from disk, as the model store hands them)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fuzzed.safetensors"
+        path.write_bytes(data)
+        return read_checkpoint(path, "base_sampler.model")
+
+
+READERS["image"] = ("image", lambda data: decode_image(data, "image"), check_image)
+READERS["checkpoint"] = ("base_sampler.model", read_checkpoint_bytes, check_checkpoint)
+
+
 def check_reader(kind: str, data: bytes) -> None:
-    """The reader's property on `data`: a valid result or InvalidFile naming its field, within the memory cap."""
+    """The reader's property on `data`: a valid result or an error naming its field, within the memory cap."""
     field, read, check = READERS[kind]
     with memory_cap(READER_MEMORY):
         try:
             out = read(data)
-        except InvalidFile as e:
+        except (InvalidFile, InvalidInput) as e:
             assert e.field == field and e.reason, e
             return
     check(out)
@@ -321,7 +358,7 @@ def check_reader(kind: str, data: bytes) -> None:
 
 def file_inputs(kind: str):
     return (st.binary(max_size=1024) | mutated(seed_files()[kind]) | safetensors_headers()
-            | (png_chunks() if kind == "mask" else st.nothing()))
+            | (png_chunks() if kind in ("mask", "image") else st.nothing()))
 
 
 @pytest.mark.parametrize("kind", list(READERS))
@@ -345,6 +382,16 @@ def test_mask_reader_gives_a_mask_or_a_mask_error(data):
 @given(file_inputs("conditioning"))
 def test_conditioning_reader_gives_embeddings_or_a_field_error(data):
     check_reader("conditioning", data)
+
+
+@given(file_inputs("image"))
+def test_image_reader_gives_a_picture_or_an_image_error(data):
+    check_reader("image", data)
+
+
+@given(file_inputs("checkpoint"))
+def test_checkpoint_reader_gives_a_known_family_or_a_model_error(data):
+    check_reader("checkpoint", data)
 
 
 def test_the_memory_cap_bites():
