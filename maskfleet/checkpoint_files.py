@@ -95,13 +95,17 @@ def load_checkpoint_denoiser(checkpoint: Checkpoint, device: str | torch.device 
         ldm = {LDM_PREFIX + key[len(checkpoint.prefix):]: f.get_tensor(key)
                for key in f.keys() if key.startswith(checkpoint.prefix) and _is_unet_key(key[len(checkpoint.prefix):])}
     weights = convert_ldm_unet_checkpoint(ldm, checkpoint.config)
-    unet = UNet2DConditionModel.from_config(checkpoint.config)
-    missing, unexpected = unet.load_state_dict(weights, strict=False)
+    with torch.device("meta"):  # no random initialisation: every weight comes from the file, assigned as read
+        unet = UNet2DConditionModel.from_config(checkpoint.config)
+    missing, unexpected = unet.load_state_dict(weights, strict=False, assign=True)
     if missing or unexpected:
         shown = ", ".join((missing or unexpected)[:3])
         raise InvalidInput(field, f"{checkpoint.path.name}: its {checkpoint.family} UNet weights do not fit the config "
                                   f"derived from them ({len(missing)} missing, {len(unexpected)} unexpected: {shown}); "
                                   f"a sidecar {checkpoint.path.stem}.json can give the config")
+    left = [name for name, t in list(unet.named_parameters()) + list(unet.named_buffers()) if t.is_meta]
+    if left:
+        raise InvalidInput(field, f"{checkpoint.path.name}: no weights for {', '.join(left[:3])}")
     unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
     schedule = NoiseSchedule.from_config({"prediction_type": checkpoint.prediction})
     return UNetDenoiser(unet, schedule, checkpoint.latent_scale)
