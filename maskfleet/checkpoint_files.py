@@ -36,10 +36,9 @@ import torch
 from .sampling.errors import InvalidInput
 from .sampling.noise_schedule import NoiseSchedule
 from .sampling.sdxl_conditioning import SIZE_IDS
-from .sampling.unet_denoiser import SD15_LATENT_SCALE, UNetDenoiser
+from .sampling.unet_denoiser import SD15_LATENT_SCALE, SDXL_LATENT_SCALE, UNetDenoiser
 
 LDM_PREFIX = "model.diffusion_model."
-SDXL_LATENT_SCALE = 0.13025
 SIZE_ID_WIDTH = 256  # each size id's embedding (SDXL's addition_time_embed_dim)
 V_PRED_MARKER = "v_pred"
 SD2_V_KEY = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
@@ -73,15 +72,17 @@ def read_checkpoint(path: Path, field: str = "model") -> Checkpoint:
             family = _family(shape, name, field)
             sidecar = _sidecar(path, field)
             prediction = sidecar.pop("prediction", None) or _prediction(f, shapes, prefix, family)
-            latent_scale = float(sidecar.pop("latent_scale", SDXL_LATENT_SCALE if family == "SDXL" else SD15_LATENT_SCALE))
     except InvalidInput:
         raise
-    except Exception as e:  # safetensors' own errors: truncated, not safetensors, bad header
+    except Exception as e:  # safetensors' own errors (truncated, not safetensors, bad header), or shapes no UNet has
         raise InvalidInput(field, f"{name} is not a readable safetensors checkpoint: {e}") from None
     if prediction not in ("epsilon", "v_prediction"):
-        raise InvalidInput(field, f"{name}.json: prediction must be 'epsilon' or 'v_prediction', got {prediction!r}")
+        raise InvalidInput(field, f"{path.stem}.json: prediction must be 'epsilon' or 'v_prediction', got {prediction!r}")
+    latent_scale = sidecar.pop("latent_scale", SDXL_LATENT_SCALE if family == "SDXL" else SD15_LATENT_SCALE)
+    if isinstance(latent_scale, bool) or not isinstance(latent_scale, (int, float)) or not latent_scale > 0:
+        raise InvalidInput(field, f"{path.stem}.json: latent_scale must be a positive number, got {latent_scale!r}")
     config = {**_diffusers_config(shape, family), **sidecar}
-    return Checkpoint(path, family, prefix, config, prediction, latent_scale)
+    return Checkpoint(path, family, prefix, config, prediction, float(latent_scale))
 
 
 def load_checkpoint_denoiser(checkpoint: Checkpoint, device: str | torch.device = "cpu",

@@ -37,7 +37,7 @@ from .sampling import AdvancedSampler, ProgressHook, SamplingJob, StopHook
 from .sampling.errors import InvalidInput, SamplingStopped
 from .sampling.paste_back import paste_back
 from .sampling.sdxl_conditioning import SIZE_ID_NAMES, pack, size_ids
-from .sampling.unet_denoiser import UNetDenoiser
+from .sampling.unet_denoiser import SDXL_LATENT_SCALE, UNetDenoiser
 from .storage.conditioning_files import read_conditioning_file
 from .storage.errors import InvalidFile, StorageUnavailable
 from .storage.image_files import encode_png, read_image
@@ -51,7 +51,6 @@ from .vae_codec import DOWNSCALE, VAECodec, crop_to_multiple, load_vae, vae_late
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SDXL_LATENT_SCALE = 0.13025  # the VAE scaling factor that tells an SDXL latent (preview colours)
 STORAGE_BACKOFF_MAX = 300  # seconds, the longest wait between two attempts on storage faults
 
 

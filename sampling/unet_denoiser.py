@@ -20,6 +20,7 @@ from .noise_schedule import NoiseSchedule
 from .sdxl_conditioning import SIZE_IDS, unpack
 
 SD15_LATENT_SCALE = 0.18215
+SDXL_LATENT_SCALE = 0.13025
 
 
 class UNetDenoiser:

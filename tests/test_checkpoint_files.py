@@ -154,3 +154,15 @@ def test_a_job_on_the_single_file_gives_the_folders_output_bitwise(tmp_path, cas
     ref = tensors["out_intended"]
     assert ((from_file - ref).norm() / ref.norm()).item() <= 1e-4
     shutil.rmtree(folders)
+
+
+@pytest.mark.parametrize("sidecar, said", [
+    ({"prediction": "x0"}, "tiny.json: prediction must be 'epsilon' or 'v_prediction'"),
+    ({"latent_scale": "big"}, "tiny.json: latent_scale must be a positive number"),
+    ([1, 2], "tiny.json: expected a JSON object"),
+])
+def test_a_bad_sidecar_is_a_field_error(tmp_path, sidecar, said):
+    path = as_checkpoint("tiny", tmp_path)
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    with pytest.raises(InvalidInput, match=said):
+        read_checkpoint(path, "base_sampler.model")
