@@ -13,12 +13,13 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from .names import JOB_ID_PATTERN, MODEL_NAME_PATTERN
-from .sampling import SAMPLERS, SCHEDULERS, SamplingParams
-from .sampling.coherent_loop import coherent_refusal
+from .sampling.coherent_rules import coherent_refusal
 from .sampling.errors import InvalidInput
+from .sampling.names import SAMPLER_NAMES, SCHEDULER_NAMES
+from .sampling.sampling_params import SamplingParams
 
-SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
-SchedulerName = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]
+SamplerName = Literal[SAMPLER_NAMES]  # type: ignore[valid-type]
+SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
 
 MAX_JOB_BYTES = 1 << 20  # a job document as JSON text; real ones are a few KB
 MAX_SHOWN_NAME = 64  # an unknown field's name is cut to this in an error message

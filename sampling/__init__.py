@@ -1,31 +1,39 @@
 """maskfleet's sampling engine: the two-sampler masked loop as a plain tensor library.
 
 No Celery, Redis or storage here: give it tensors and denoisers, get a latent back.
-"""
-from .comfy_call import AdvancedSampler
-from .errors import InvalidInput, SamplingError, SamplingStopped
-from .guidance import Denoiser
-from .noise_schedule import NoiseSchedule
-from .samplers import SAMPLERS
-from .schedulers import SCHEDULERS
-from .sampling_job import MODES, ProgressHook, SamplingJob, SamplingParams, StopHook, plan_steps
-from .two_sampler_loop import sample_job, sample_two_samplers
 
-__all__ = [
-    "AdvancedSampler",
-    "Denoiser",
-    "InvalidInput",
-    "MODES",
-    "NoiseSchedule",
-    "ProgressHook",
-    "SAMPLERS",
-    "SCHEDULERS",
-    "SamplingError",
-    "SamplingJob",
-    "SamplingParams",
-    "SamplingStopped",
-    "StopHook",
-    "plan_steps",
-    "sample_job",
-    "sample_two_samplers",
-]
+The names below are imported on first use (PEP 562), so the torch-free parts (the
+parameters, the names, coherent mode's rules, the errors) can be imported by a producer
+that validates jobs without torch installed.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "AdvancedSampler": "comfy_call",
+    "Denoiser": "guidance",
+    "InvalidInput": "errors",
+    "MODES": "sampling_params",
+    "NoiseSchedule": "noise_schedule",
+    "ProgressHook": "hooks",
+    "SAMPLERS": "samplers",
+    "SCHEDULERS": "schedulers",
+    "SamplingError": "errors",
+    "SamplingJob": "sampling_job",
+    "SamplingParams": "sampling_params",
+    "SamplingStopped": "errors",
+    "StopHook": "hooks",
+    "plan_steps": "sampling_params",
+    "sample_job": "two_sampler_loop",
+    "sample_two_samplers": "two_sampler_loop",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{module}", __name__), name)

@@ -38,7 +38,7 @@ crop_margin (the mask sampler must see the same latent as the base one, and the 
 needs its result over the whole band), and what cannot give a correct result however the
 loop runs it, measured with the Gaussian harness (tests/gaussian_regions.py): lcm, and the
 multistep SDE samplers on the schedules that end at the model's sigma_min (see
-`REFUSED_SAMPLERS`, `REFUSED_SCHEDULES`). Everything else is checked by
+`coherent_rules.py`). Everything else is checked by
 tests/test_coherent_mode.py and tests/test_region_statistics.py.
 """
 from __future__ import annotations
@@ -54,9 +54,12 @@ from .comfy_call import AdvancedSampler, start_noise_scale
 from .errors import InvalidInput, SamplingStopped
 from .guidance import guided_denoise, guided_denoise_many
 from .masks import grow_mask, to_latent
+from .coherent_rules import coherent_refusal
+from .names import SAMPLER_NAMES, check_implemented
 from .noise_sources import NoiseSource, Randomness
 from .samplers import SAMPLERS, StepContext
-from .sampling_job import ProgressHook, SamplingJob, StopHook
+from .hooks import ProgressHook, StopHook
+from .sampling_job import SamplingJob
 from .schedulers import schedule_for
 from .unipc_multistep import unipc_bh2_step, unipc_step
 
@@ -66,48 +69,7 @@ COHERENT_STEPS: dict[str, Callable] = {
     "uni_pc": unipc_step,
     "uni_pc_bh2": unipc_bh2_step,
 }
-
-
-# Samplers that give a wrong result even run alone, whatever the loop does (the reason is the error message).
-REFUSED_SAMPLERS = {
-    "lcm": "it replaces the latent by the model's x0 estimate at every step and re-noises it, which samples "
-    "correctly only with a consistency (LCM-distilled) model: with any other model the result loses the data's "
-    "spread (measured 0.32 for data of spread 0.5). Use mode 'comfy' for LCM models",
-}
-# (sampler, scheduler) pairs refused: the multistep SDE samplers on the schedules whose last step before 0
-# falls to the model's sigma_min (0.03 on SD1.5), 6-8x down in sigma after steps of 1.1-1.3x: the multistep
-# correction divides by the ratio of the last two log-sigma steps and amplifies the injected noise (measured
-# spread 0.58-1.78 for data of spread 0.5, the sampler run alone as much as in the loop).
-REFUSED_SCHEDULES = {
-    (sampler, scheduler): f"{sampler} on the {scheduler!r} schedule leaves noise amplified by its multistep "
-    "correction: that schedule's last step falls to the model's sigma_min, many times longer in log sigma than "
-    "the step before it (use karras, exponential, sgm_uniform, simple or beta)"
-    for sampler in ("dpmpp_2m_sde", "dpmpp_3m_sde")
-    for scheduler in ("normal", "ddim_uniform")
-}
-
-
-def coherent_refusal(base_sampler: str, base_scheduler: str, mask_sampler: str, mask_scheduler: str,
-                     crop_margin: int | None) -> tuple[str, str] | None:
-    """(field, reason) for the first thing coherent mode cannot honour in these settings, or None.
-
-    Names only, so a job document can be checked before any model or tensor is loaded.
-    """
-    if crop_margin is not None:
-        return "crop_margin", "not supported in coherent mode (the mask sampler must see the whole latent)"
-    if mask_scheduler != base_scheduler:
-        return ("mask_sampler.scheduler",
-                f"coherent mode runs both samplers on one sigma schedule: use base_sampler.scheduler "
-                f"{base_scheduler!r} (got {mask_scheduler!r})")
-    for field, name in (("base_sampler", base_sampler), ("mask_sampler", mask_sampler)):
-        if name in REFUSED_SAMPLERS:
-            return f"{field}.sampler_name", f"{name!r} is refused in coherent mode: {REFUSED_SAMPLERS[name]}"
-        if name not in COHERENT_STEPS:
-            return f"{field}.sampler_name", f"{name!r} is not supported in coherent mode"
-    for field, name in (("base_sampler", base_sampler), ("mask_sampler", mask_sampler)):
-        if (name, base_scheduler) in REFUSED_SCHEDULES:
-            return f"{field}.scheduler", f"refused in coherent mode: {REFUSED_SCHEDULES[name, base_scheduler]}"
-    return None
+check_implemented(COHERENT_STEPS, SAMPLER_NAMES, "coherent_loop.COHERENT_STEPS")
 
 
 def check_coherent(base: AdvancedSampler, mask_sampler: AdvancedSampler, crop_margin: int | None) -> None:

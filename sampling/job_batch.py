@@ -36,7 +36,9 @@ from .errors import InvalidInput
 from .guidance import Denoiser, _batch
 from .masks import check_mask_fits, normalize_mask
 from .noise_sources import JobBatchRandomness
-from .sampling_job import ProgressHook, SamplingJob, SamplingParams, StopHook
+from .hooks import ProgressHook, StopHook
+from .sampling_job import SamplingJob
+from .sampling_params import SamplingParams
 from .two_sampler_loop import sample_job
 
 FORWARDS = ("fused", "per_job")

@@ -29,7 +29,6 @@ import torch
 
 
 MIN_CROP_SIZE = 16
-MAX_CROP_MARGIN = 10000
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy
 import torch
 
 from .errors import InvalidInput
+from .names import SAMPLER_NAMES, check_implemented
 
 Tensor = torch.Tensor
 
@@ -298,6 +299,8 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "uni_pc_bh2": SamplerInfo(uni_pc_single, recovery_sampler="dpm_fast"),
     "lcm": SamplerInfo(lcm, noise="ancestral"),
 }
+
+check_implemented(SAMPLERS, SAMPLER_NAMES, "samplers.SAMPLERS")
 
 # Only reachable as a recovery pass; not a name a job may ask for.
 RECOVERY_SAMPLERS: dict[str, SamplerInfo] = {"dpm_fast": SamplerInfo(dpm_fast_single), "dpmpp_2m": SAMPLERS["dpmpp_2m"]}

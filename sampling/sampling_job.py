@@ -1,95 +1,19 @@
-"""What is sampled: the job's parameters, declared once, and the tensors and samplers they apply to.
+"""What is sampled: one frozen value with the tensors, the two samplers and the params.
 
-`SamplingParams` (pydantic) declares every sampling parameter with its type, range,
-default and description; the job document (`maskfleet/job.py`) extends it, so a job's
-fields, its JSON Schema, its docs and the engine's checks all come from here. A
-`SamplingJob` is one frozen value holding the params, the latent, the mask and the two
-samplers: the loops, the cross-job batcher and the worker's model lane take it whole, so
-a new parameter is added here and where it is used, nowhere else.
+A `SamplingJob` holds the latent, the mask, the two samplers and the job's
+`SamplingParams` (sampling_params.py, the one declaration of the parameters): the loops,
+the cross-job batcher and the worker's model lane take it whole, so a new parameter is
+added to the params and where it is used, nowhere else.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .comfy_call import AdvancedSampler
-from .errors import InvalidInput
-from .region_crop import MAX_CROP_MARGIN
-
-ProgressHook = Callable[[int, int, str], None]  # (calls done, total calls, "base" | "mask")
-StopHook = Callable[[], bool]
-
-MODES = ("comfy", "coherent")
-MAX_SEED = 2**64 - 1
-MAX_STEPS = 10000  # the most steps a job runs, and the longest schedule `int(steps / denoise)` may ask for
-MAX_OVERLAP = 10000
-
-Mode = Literal[MODES]  # type: ignore[valid-type]
-
-
-def check_schedule_length(steps: int, denoise: float) -> None:
-    """Refuse a `denoise` whose schedule, `int(steps / denoise)` steps, would exceed MAX_STEPS.
-
-    A tiny denoise would otherwise ask for a schedule of a billion sigmas (memory) or an
-    infinite one (1 / 5e-324 is inf); compared as floats, so no int() of an overflow.
-    """
-    length = steps / denoise
-    if not length < MAX_STEPS + 1:
-        raise InvalidInput(
-            "denoise", f"with steps {steps}, the schedule would have int(steps / denoise) = {length:.6g} steps, "
-            f"over the maximum of {MAX_STEPS} (denoise must be at least {steps / MAX_STEPS:g})")
-
-
-class SamplingParams(BaseModel):
-    """The numbers and names that say how a job is sampled (everything but its tensors and samplers)."""
-
-    # strict: JSON types as they are ("20" is not a number of steps, true is not 1).
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="Noise seed; the same job and seed give the same latent.")
-    steps: int = Field(20, ge=1, le=MAX_STEPS, description="Steps the job runs.")
-    denoise: float = Field(1.0, gt=0.0, le=1.0, description=f"Fraction of the schedule to run: the schedule has int(steps / denoise) steps (at most {MAX_STEPS}) and the job runs its last `steps`.")
-    overlap_factor: int = Field(10, ge=0, le=MAX_OVERLAP, description="Box size (latent pixels) by which the mask sampler's region grows past the mask.")
-    crop_margin: int | None = Field(None, ge=0, le=MAX_CROP_MARGIN, description="Opt-in speed-up, off when left out: the mask sampler runs on its grown region's bounding box plus this many latent pixels of context on each side (sides rounded up to fixed sizes), not the whole latent. Faster for small masks; the result differs slightly from full frame (the model sees less context; ancestral/SDE mask samplers draw other noise).")
-    mode: Mode = Field("comfy", description="Sampling mode: 'comfy' reproduces the original node in ComfyUI; 'coherent' keeps each sampler's state, one sigma schedule and one noise stream across the interleaved steps and blends the two results across the overlap band, so every sampler it accepts gives a clean result (both samplers must use the same scheduler; refused: crop_margin, lcm, and dpmpp_2m_sde/dpmpp_3m_sde on the normal and ddim_uniform schedules).")
-
-    @model_validator(mode="after")
-    def _schedule_fits(self) -> "SamplingParams":
-        """The schedule `int(steps / denoise)` within MAX_STEPS: a tiny denoise asks for billions of sigmas."""
-        check_schedule_length(self.steps, self.denoise)
-        return self
-
-    @classmethod
-    def checked(cls, **values: Any) -> "SamplingParams":
-        """Params from a library caller's keywords; InvalidInput naming the first bad field."""
-        try:
-            return cls.model_validate(values)
-        except ValidationError as e:
-            raise field_error(e) from None
-
-    def plan(self) -> tuple[int, int]:
-        """(adv_steps, start): the schedule length and the first step the job runs."""
-        return plan_steps(self.steps, self.denoise)
-
-
-def field_error(error: ValidationError) -> InvalidInput:
-    """The first error of a validation as InvalidInput naming its field (a rule across fields names its own)."""
-    first = error.errors()[0]
-    refused = (first.get("ctx") or {}).get("error")
-    if isinstance(refused, InvalidInput):
-        return refused
-    field = ".".join(str(p) for p in first["loc"]) or "params"
-    return InvalidInput(field, first["msg"])
-
-
-def plan_steps(steps: int, denoise: float) -> tuple[int, int]:
-    """(adv_steps, start) for `steps` and `denoise`; InvalidInput when the schedule is too long."""
-    check_schedule_length(steps, denoise)
-    adv_steps = int(steps / denoise)
-    return adv_steps, adv_steps - steps
+from .sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy
 import torch
 
 from .errors import InvalidInput
+from .names import SCHEDULER_NAMES, check_implemented
 from .noise_schedule import NoiseSchedule
 
 
@@ -108,6 +109,8 @@ SCHEDULERS: dict[str, Callable[[NoiseSchedule, int], torch.Tensor]] = {
     "ddim_uniform": ddim_uniform,
     "beta": beta,
 }
+
+check_implemented(SCHEDULERS, SCHEDULER_NAMES, "schedulers.SCHEDULERS")
 
 # Samplers that ComfyUI (and Impact Pack) give a schedule one step longer with the
 # second-to-last sigma removed.

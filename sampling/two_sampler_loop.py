@@ -24,7 +24,8 @@ from .masks import check_mask_fits, check_overlap, grow_mask, inverse_mask, norm
 from .noise_sources import Randomness
 from .region_crop import crop_box
 from .samplers import check_sampler_name
-from .sampling_job import ProgressHook, SamplingJob, StopHook
+from .hooks import ProgressHook, StopHook
+from .sampling_job import SamplingJob
 from .schedulers import check_scheduler_name
 
 

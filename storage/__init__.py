@@ -5,42 +5,46 @@ URIs are ``s3://bucket/key`` (any S3-compatible store, see s3_client.py),
 modules decode and encode them.
 """
 
-from .conditioning_files import (
-    decode_conditioning, decode_conditioning_with_pooled, read_conditioning,
-    read_conditioning_with_pooled)
-from .errors import InvalidFile, StorageUnavailable
-from .file_uris import DEFAULT_MAX_INPUT_BYTES, local_path, read_bytes, write_atomic
-from .latent_files import decode_latent, encode_latent, read_latent, write_latent
-from .mask_files import decode_mask, read_mask
-from .model_store import models_root_from, resolve_model_dir
-from .objects import check_uri, delete_object, object_name, read_object, write_object
-from .s3_client import get_s3_client, parse_s3_uri, reset_s3_client
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_MAX_INPUT_BYTES",
-    "InvalidFile",
-    "StorageUnavailable",
-    "check_uri",
-    "decode_conditioning",
-    "decode_conditioning_with_pooled",
-    "decode_latent",
-    "decode_mask",
-    "delete_object",
-    "encode_latent",
-    "get_s3_client",
-    "local_path",
-    "models_root_from",
-    "object_name",
-    "parse_s3_uri",
-    "read_bytes",
-    "read_conditioning",
-    "read_conditioning_with_pooled",
-    "read_latent",
-    "read_mask",
-    "read_object",
-    "reset_s3_client",
-    "resolve_model_dir",
-    "write_atomic",
-    "write_latent",
-    "write_object",
-]
+from importlib import import_module
+from typing import Any
+
+# Imported on first use (PEP 562): a producer reading a job file needs file_uris and errors,
+# not the tensor formats (torch) or boto3.
+_EXPORTS = {
+    "DEFAULT_MAX_INPUT_BYTES": "file_uris",
+    "InvalidFile": "errors",
+    "StorageUnavailable": "errors",
+    "check_uri": "objects",
+    "decode_conditioning": "conditioning_files",
+    "decode_conditioning_with_pooled": "conditioning_files",
+    "decode_latent": "latent_files",
+    "decode_mask": "mask_files",
+    "delete_object": "objects",
+    "encode_latent": "latent_files",
+    "get_s3_client": "s3_client",
+    "local_path": "file_uris",
+    "models_root_from": "model_store",
+    "object_name": "objects",
+    "parse_s3_uri": "s3_client",
+    "read_bytes": "file_uris",
+    "read_conditioning": "conditioning_files",
+    "read_conditioning_with_pooled": "conditioning_files",
+    "read_latent": "latent_files",
+    "read_mask": "mask_files",
+    "read_object": "objects",
+    "reset_s3_client": "s3_client",
+    "resolve_model_dir": "model_store",
+    "write_atomic": "file_uris",
+    "write_latent": "latent_files",
+    "write_object": "objects",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{module}", __name__), name)

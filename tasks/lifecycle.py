@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from ..job import Job
-from ..sampling.sampling_job import ProgressHook, StopHook
+from ..sampling.hooks import ProgressHook, StopHook
 from ..settings import Settings
 
 

@@ -17,7 +17,8 @@ import torch
 from analytic_denoiser import GaussianDenoiser, conditioning
 from maskfleet.sampling import SAMPLERS, AdvancedSampler, InvalidInput, SamplingStopped, sample_two_samplers
 from maskfleet.job import JobError, parse_job
-from maskfleet.sampling.coherent_loop import COHERENT_STEPS, REFUSED_SAMPLERS, blend_weight
+from maskfleet.sampling.coherent_loop import COHERENT_STEPS, blend_weight
+from maskfleet.sampling.coherent_rules import REFUSED_SAMPLERS
 from maskfleet.sampling.noise_sources import JobBatchRandomness, JobRandomness
 from maskfleet.sampling.samplers import StepContext
 from maskfleet.sampling.schedulers import schedule_for

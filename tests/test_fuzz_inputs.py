@@ -33,9 +33,9 @@ from maskfleet.checkpoint_files import read_checkpoint
 from maskfleet.job import Job, JobError, parse_job
 from maskfleet.job_checks import check_job_uris
 from maskfleet.sampling import SAMPLERS, SCHEDULERS
-from maskfleet.sampling.coherent_loop import coherent_refusal
+from maskfleet.sampling.coherent_rules import coherent_refusal
 from maskfleet.sampling.errors import InvalidInput
-from maskfleet.sampling.sampling_job import MAX_STEPS, plan_steps
+from maskfleet.sampling.sampling_params import MAX_STEPS, plan_steps
 from maskfleet.storage.conditioning_files import decode_conditioning_with_pooled
 from maskfleet.storage.errors import InvalidFile
 from maskfleet.storage.latent_files import decode_latent

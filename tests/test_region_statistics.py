@@ -16,7 +16,7 @@ from gaussian_regions import (Setup, _start, expected, failures, first_order, ow
                               reference_failures, run_job, tolerances)
 from maskfleet.sampling import SAMPLERS, InvalidInput, NoiseSchedule
 from maskfleet.sampling.unet_denoiser import UNetDenoiser
-from maskfleet.sampling.coherent_loop import REFUSED_SAMPLERS, REFUSED_SCHEDULES
+from maskfleet.sampling.coherent_rules import REFUSED_SAMPLERS, REFUSED_SCHEDULES
 
 STEPS = 20
 SETUP = Setup(seeds=8)
