@@ -8,8 +8,7 @@ that validates jobs without torch installed.
 """
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from ..lazy_exports import lazy_exports
 
 _EXPORTS = {
     "AdvancedSampler": "comfy_call",
@@ -31,9 +30,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{module}", __name__), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

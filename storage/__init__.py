@@ -7,8 +7,7 @@ modules decode and encode them.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from ..lazy_exports import lazy_exports
 
 # Imported on first use (PEP 562): a producer reading a job file needs file_uris and errors,
 # not the tensor formats (torch) or boto3.
@@ -42,9 +41,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{module}", __name__), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
