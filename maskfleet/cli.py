@@ -146,10 +146,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from .client import handle
+    from .client import UnknownJob, handle
 
     h = handle(args.id)
-    h.cancel()
+    try:
+        h.cancel(force=args.force)
+    except UnknownJob as e:
+        print(f"maskfleet: {e}; --force records it anyway", file=sys.stderr)
+        return 1
     print(json.dumps(h.status(), default=str))
     return 0
 
@@ -209,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel = sub.add_parser("cancel", help="cancel a queued or running job (no output is written)")
     cancel.add_argument("id", help="task id (the job_id when the job has one)")
+    cancel.add_argument("--force", action="store_true",
+                        help="record the cancellation even when no such job is on record (a job sent by name from "
+                             "another Celery app, still queued); it expires with the results")
     cancel.set_defaults(func=cmd_cancel)
 
     worker = sub.add_parser("worker", help="start one Celery worker per visible GPU, or one on the CPU")

@@ -21,10 +21,14 @@ from .job import Job, JobError, parse_job
 from .tasks.app import app as default_app, configure
 from .tasks.callback_policy import check_callback_url
 from .tasks.cancellation import request_cancel
-from .tasks.idempotency import claim_submission
+from .tasks.idempotency import claim_submission, was_submitted
 from .tasks.settings import TASK_NAME, check_time_limit, load_settings, soft_limit
 
 FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
+
+
+class UnknownJob(LookupError):
+    """A cancel named a job id that no submission or state is on record for."""
 
 
 class JobFailed(RuntimeError):
@@ -83,9 +87,19 @@ class JobHandle:
                 raise JobFailed(self.task_id, "TIMEOUT", f"not finished after {timeout} s (state {status['state']})")
             time.sleep(poll)
 
-    def cancel(self) -> None:
-        """Stop the job: dropped if still queued, stopped at the next sampler call if running; no output."""
-        request_cancel(self.task_id, self.app.conf.result_backend)
+    def cancel(self, force: bool = False) -> None:
+        """Stop the job: dropped if still queued, stopped at the next sampler call if running; no output.
+
+        UnknownJob when no such job is on record (no submission through this client, no state):
+        nothing is recorded then, so a later job with that id runs. `force` records the
+        cancellation anyway (a job sent by name from another Celery app and still queued has no
+        record); it expires with the results (MASKFLEET_RESULT_EXPIRES).
+        """
+        backend_url = self.app.conf.result_backend
+        if not force and self.result.state == "PENDING" and not was_submitted(self.task_id, backend_url):
+            raise UnknownJob(f"no job {self.task_id!r} is on record (never submitted through maskfleet, or its record "
+                             "expired); nothing was cancelled (force records the cancellation anyway)")
+        request_cancel(self.task_id, backend_url)
         self.app.control.revoke(self.task_id)  # no terminate: the worker stops it cleanly through the flag
         if self.result.state == "PENDING":  # queued (or unknown): say so now, a worker may be hours away
             self.app.backend.mark_as_revoked(self.task_id, "cancelled")

@@ -31,6 +31,11 @@ def claim_submission(job_id: str, url: str | None = None) -> bool:
     return bool(connection(url).set(submitted_key(job_id), "1", nx=True, ex=ttl()))
 
 
+def was_submitted(job_id: str, url: str | None = None) -> bool:
+    """Whether a submission of `job_id` is on record (within the key's lifetime)."""
+    return bool(connection(url).exists(submitted_key(job_id)))
+
+
 def finished_result(job: Job) -> dict | None:
     """The stored result of this job id if it already succeeded, else None."""
     if not job.job_id:
