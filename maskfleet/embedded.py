@@ -109,6 +109,7 @@ def embedded_fleet(
         "MASKFLEET_MODELS": str(models_root),
         "MASKFLEET_DEVICE": device,
         "MASKFLEET_DTYPE": dtype,
+        "MASKFLEET_METRICS_PORT": "0",  # an in-process demo opens no port: only `maskfleet worker` serves metrics
     }
     with mock.patch.dict(os.environ, env):  # restored as it was when the block ends
         # Imported only now: the app reads the URLs from the environment when first imported.

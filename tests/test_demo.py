@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,12 @@ DEMO_THEN_THREADS = (
     "rc = main(sys.argv[1:])\n"
     "alive = [(t.name, t.daemon) for t in threading.enumerate() if t is not threading.main_thread()]\n"
     "print('THREADS ' + json.dumps(alive), file=sys.stderr)\n"
+    # Would a metrics server answer on the port the environment names? (The demo must open none.)
+    "import os, socket\n"
+    "probe = socket.socket()\n"
+    "served = probe.connect_ex(('127.0.0.1', int(os.environ['MASKFLEET_METRICS_PORT']))) == 0\n"
+    "probe.close()\n"
+    "print('METRICS ' + json.dumps(served), file=sys.stderr)\n"
     "sys.exit(rc)\n"
 )
 
@@ -30,6 +37,9 @@ def test_demo_runs_through_celery_in_process_and_matches_maskfleet_run(tmp_path,
     # Nothing listens on port 1: a demo that reached for these would fail or hang.
     env["MASKFLEET_BROKER_URL"] = env["MASKFLEET_RESULT_BACKEND"] = "redis://127.0.0.1:1/0"
     env.pop("MASKFLEET_MODELS", None)
+    with socket.socket() as s:  # a free port the demo is told about, and must not open
+        s.bind(("127.0.0.1", 0))
+        env["MASKFLEET_METRICS_PORT"] = str(s.getsockname()[1])
     started = time.monotonic()
     demo = subprocess.run(
         [sys.executable, "-c", DEMO_THEN_THREADS, "demo", "--dir", str(folder), "--device", "cpu"],
@@ -55,6 +65,7 @@ def test_demo_runs_through_celery_in_process_and_matches_maskfleet_run(tmp_path,
     alive = json.loads(err.split("THREADS ", 1)[1].splitlines()[0])
     assert not [name for name, daemon in alive if not daemon], alive
     assert "maskfleet-embedded-worker" not in [name for name, _ in alive]
+    assert err.split("METRICS ", 1)[1].splitlines()[0] == "false", "the demo served metrics"
     assert seconds < 200
 
     # The same job run by `maskfleet run` in this process gives bitwise the same latent.
