@@ -26,6 +26,7 @@ from .app import app
 from .bad_input import BadInput
 from .cancellation import Cancellation
 from .deliveries import PoisonCheck
+from .errors import InvalidJob
 from .idempotency import FinishedBefore
 from .input_prefetch import PrefetchedInputs
 from .job_document import ParsedJob
@@ -54,7 +55,9 @@ LIFECYCLE: list[Concern] = [
 ]
 
 
-@app.task(bind=True, name=TASK_NAME, Request="maskfleet.tasks.sample_request:SampleRequest")
+# throws: bad input is the producer's fault, logged as one INFO line naming the field (no traceback);
+# worker faults keep their ERROR line and traceback.
+@app.task(bind=True, name=TASK_NAME, Request="maskfleet.tasks.sample_request:SampleRequest", throws=(InvalidJob,))
 def sample(self: Any, job_data: dict) -> dict:
     try:
         return run_task(self, job_data)

@@ -705,6 +705,17 @@ def test_full_mask_the_mask_sampler_does_all_the_denoising(fleet, capsys):
     assert submit(other, broker_url=fleet["url"], queue=TINY).wait(WAIT_S, poll=0.05)["sha256"] != results["cli"]["sha256"]
 
 
+def test_bad_input_is_one_info_line_in_the_worker_log(fleet):
+    """The producer's fault, not the worker's: one INFO line with the job id and the field, no traceback."""
+    inputs: Inputs = fleet["inputs"]
+    handle = submit(inputs.job({"latent": inputs.uri("no-such-file.latent")}), broker_url=fleet["url"], queue=TINY)
+    _assert_worker_refused(handle, "latent", fleet)
+    log = fleet["worker"].log.read_text()
+    lines = [line for line in log.splitlines() if handle.task_id in line and "InvalidJob" in line]
+    assert len(lines) == 1 and "INFO" in lines[0] and "raised expected" in lines[0] and "latent:" in lines[0], lines
+    assert "raised unexpected: InvalidJob" not in log
+
+
 def test_worker_still_serves_good_jobs_after_the_table(fleet):
     """After every refusal above, the same worker runs a valid job (it never got stuck or died)."""
     result = submit(fleet["inputs"].job(), broker_url=fleet["url"], queue=TINY).wait(WAIT_S, poll=0.05)
