@@ -17,11 +17,44 @@ from .job import MAX_JOB_BYTES, JobError, field_help, fields_markdown, job_schem
 EXIT_INVALID = 2
 
 
+def _progress_line(step, total, sampler) -> str:
+    return f"[maskfleet] step {step}/{total} ({sampler} sampler)"
+
+
 def _progress_printer(stream):
+    """`maskfleet run`'s progress hook: the job's step, as the fleet's status reports it."""
+    from .sampling.hooks import job_step
+
     def report(done: int, total: int, which: str) -> None:
-        print(f"[maskfleet] call {done}/{total} ({which} sampler)", file=stream, flush=True)
+        print(_progress_line(*job_step(done, total), which), file=stream, flush=True)
 
     return report
+
+
+def _follow(handle, quiet: bool, alive=lambda: True, timeout: float | None = None) -> dict:
+    """Poll `handle` until its job ends, printing each new progress step on stderr (and the last,
+    steps/steps, when the job succeeded between two polls); its last status (not final when `alive()`
+    turned false or `timeout` seconds passed)."""
+    from .client import FINAL_STATES
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    seen = last = None
+    while True:
+        status = handle.status()
+        meta = status["meta"]
+        if status["state"] == "PROGRESS" and isinstance(meta, dict):
+            last = meta
+            line = _progress_line(meta.get("step"), meta.get("total"), meta.get("sampler"))
+            if line != seen and not quiet:
+                print(line, file=sys.stderr, flush=True)
+                seen = line
+        if status["state"] in FINAL_STATES:
+            if status["state"] == "SUCCESS" and last and not quiet and last.get("step") != last.get("total"):
+                print(_progress_line(last.get("total"), last.get("total"), "mask"), file=sys.stderr, flush=True)
+            return status
+        if not alive() or (deadline is not None and time.monotonic() >= deadline):
+            return status
+        time.sleep(0.05)
 
 
 def _read_job(path: str):
@@ -74,21 +107,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from .client import FINAL_STATES, JobFailed, submit  # the producer's client, as against a real fleet
 
         handle = submit(job)
-        seen = None
-        while True:
-            status = handle.status()
-            meta = status["meta"]
-            if status["state"] == "PROGRESS" and isinstance(meta, dict) and not args.quiet:
-                line = f"[maskfleet] step {meta.get('step')}/{meta.get('total')} ({meta.get('sampler')} sampler)"
-                if line != seen:
-                    print(line, file=sys.stderr, flush=True)
-                    seen = line
-            if status["state"] in FINAL_STATES:
-                break
-            if not worker.is_alive():
-                print("maskfleet: the in-process worker stopped before the job ended", file=sys.stderr)
-                return 1
-            time.sleep(0.05)
+        status = _follow(handle, args.quiet, worker.is_alive)
+        meta = status["meta"]
+        if status["state"] not in FINAL_STATES:
+            print("maskfleet: the in-process worker stopped before the job ended", file=sys.stderr)
+            return 1
         try:
             result = handle.wait(0)
         except JobFailed as e:
@@ -117,7 +140,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from .client import JobFailed, submit
+    from .client import FINAL_STATES, JobFailed, submit
 
     try:
         handle = submit(_read_job(args.job), broker_url=args.broker, queue=args.queue)
@@ -130,7 +153,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(json.dumps({"id": handle.task_id, "submitted": handle.submitted}))
         return 0
     try:
-        print(json.dumps(handle.wait(args.timeout)))
+        status = _follow(handle, quiet=False, timeout=args.timeout)  # progress lines on stderr while it runs
+        if status["state"] not in FINAL_STATES:
+            raise JobFailed(handle.task_id, "TIMEOUT", f"not finished after {args.timeout} s (state {status['state']})")
+        print(json.dumps(handle.wait(0)))
     except JobFailed as e:
         print(f"maskfleet: {e}", file=sys.stderr)
         meta = handle.status()["meta"]

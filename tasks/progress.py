@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any, Callable
 
+from ..sampling.hooks import job_step
 from .lifecycle import Concern, TaskRun
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,10 @@ class Throttle:
 
 
 def progress_meta(done: int, total: int, which: str) -> dict[str, Any]:
-    return {"step": done, "total": total, "sampler": which, "phase": "sampling"}
+    """The PROGRESS meta of a hook call (`done` of `total` sampler calls): the job's step of its steps,
+    and which sampler's half of the step just ran."""
+    step, steps = job_step(done, total)
+    return {"step": step, "total": steps, "sampler": which, "phase": "sampling"}
 
 
 def task_progress(task: Any, min_interval: float = 0.25) -> Throttle:

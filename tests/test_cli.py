@@ -127,7 +127,8 @@ def test_demo_then_run_again_gives_bitwise_the_same_latent(tmp_path):
     folder = tmp_path / "demo"
     first = subprocess.run([sys.executable, "-m", "maskfleet.cli", "demo", "--dir", str(folder), "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
-    assert re.search(r"^\[maskfleet\] step \d+/20 \((base|mask) sampler\)$", first.stderr, re.M)  # progress lines
+    assert re.search(r"^\[maskfleet\] step \d+/10 \((base|mask) sampler\)$", first.stderr, re.M)  # progress lines
+    assert "[maskfleet] step 10/10 (mask sampler)" in first.stderr  # and the end
     out1 = load_file(folder / "output.latent")["latent_tensor"]
     assert (folder / "output.png").is_file()
     (folder / "output.latent").unlink()

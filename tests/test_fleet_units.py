@@ -143,3 +143,14 @@ def test_cancelling_between_write_attempts_stops_without_writing_again(monkeypat
     with pytest.raises(SamplingStopped):
         write(flaky, should_stop=lambda: True)
     assert flaky.calls == 1
+
+
+def test_progress_counts_the_jobs_steps_not_sampler_calls():
+    """Both samplers' calls of a step are that step; the base sampler's starts it, the last call says total/total."""
+    from maskfleet.tasks.progress import progress_meta
+
+    calls = [(done, "base" if done % 2 else "mask") for done in range(1, 21)]  # a 10-step job: 20 calls
+    metas = [progress_meta(done, 20, which) for done, which in calls]
+    assert [(m["step"], m["total"], m["sampler"]) for m in metas[:4]] == [(1, 10, "base"), (1, 10, "mask"),
+                                                                          (2, 10, "base"), (2, 10, "mask")]
+    assert (metas[-1]["step"], metas[-1]["total"], metas[-1]["sampler"]) == (10, 10, "mask")

@@ -89,7 +89,9 @@ def test_successful_job_sends_started_progress_succeeded_signed(fleet):
     assert len(kinds) >= 3 and set(kinds[1:-1]) == {"job.progress"}, kinds
     assert fleet["hook"].bad == []  # every request verified with standardwebhooks
     progress = seen[1][1]
-    assert progress["total"] == 12 and progress["sampler"] in ("base", "mask") and progress["task_id"] == job["job_id"]
+    assert progress["total"] == 6 and progress["sampler"] in ("base", "mask") and progress["task_id"] == job["job_id"]
+    last = [data for kind, data in seen if kind == "job.progress"][-1]
+    assert (last["step"], last["sampler"]) == (6, "mask")  # the last progress says total/total
     done = seen[-1][1]
     assert done["output"] == job["output"] and done["sha256"] == result["sha256"] and done["task_id"] == job["job_id"]
 
