@@ -49,8 +49,9 @@ def _follow(handle, quiet: bool, alive=lambda: True, timeout: float | None = Non
                 print(line, file=sys.stderr, flush=True)
                 seen = line
         if status["state"] in FINAL_STATES:
-            if status["state"] == "SUCCESS" and last and not quiet and last.get("step") != last.get("total"):
-                print(_progress_line(last.get("total"), last.get("total"), "mask"), file=sys.stderr, flush=True)
+            end = last and _progress_line(last.get("total"), last.get("total"), "mask")
+            if status["state"] == "SUCCESS" and end and end != seen and not quiet:
+                print(end, file=sys.stderr, flush=True)
             return status
         if not alive() or (deadline is not None and time.monotonic() >= deadline):
             return status
