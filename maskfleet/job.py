@@ -92,7 +92,7 @@ class Callback(BaseModel):
 
 class Job(SamplingParams):
     """A two-sampler masked sampling job: the sampling params (seed, steps, denoise, overlap_factor,
-    crop_margin, mode; declared in sampling/sampling_job.py) plus where its inputs and outputs are."""
+    crop_margin, mode; declared in sampling/sampling_params.py) plus where its inputs and outputs are."""
 
     # strict: JSON types as they are ("20" is not a number of steps, true is not 1).
     model_config = ConfigDict(extra="forbid", title="maskfleet job", strict=True)
