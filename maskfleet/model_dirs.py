@@ -41,9 +41,7 @@ def unet_inputs(model_dir: Path, field: str = "model") -> UNetInputs:
         from .checkpoint_files import read_checkpoint
 
         checkpoint = read_checkpoint(Path(model_dir), field)
-        config = checkpoint.config
-        return UNetInputs(int(config["in_channels"]), config.get("cross_attention_dim"), pooled_width(config),
-                          checkpoint.latent_scale)
+        return unet_inputs_of_config(checkpoint.config, checkpoint.latent_scale, checkpoint.path.name, field)
     return unet_inputs_of_dir(model_dir, field)
 
 
@@ -51,26 +49,32 @@ def unet_inputs_of_dir(model_dir: Path, field: str = "model") -> UNetInputs:
     """Read the UNet's config.json only (no weights), so a job's tensors are checked before a model loads.
 
     A mismatch found here would otherwise surface as a shape error deep inside the UNet,
-    after the model was loaded, with no field to fix. The conditioning width is
-    `encoder_hid_dim` when the UNet projects its context first, else `cross_attention_dim`
-    (None when that is a per-block list of different widths).
+    after the model was loaded, with no field to fix.
     """
     config_path = unet_folder(Path(model_dir)) / "config.json"
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as e:
         raise InvalidInput(field, f"cannot read {config_path}: {e}") from None
+    return unet_inputs_of_config(config, latent_scale_of(Path(model_dir), field), str(config_path), field)
+
+
+def unet_inputs_of_config(config: dict, latent_scale: float, where: str, field: str) -> UNetInputs:
+    """What a diffusers UNet config says the UNet takes (`where` names the config in errors).
+
+    The conditioning width is `encoder_hid_dim` when the UNet projects its context first,
+    else `cross_attention_dim` (None when that is a per-block list of different widths).
+    """
     width = config.get("encoder_hid_dim") if config.get("encoder_hid_dim_type") else config.get("cross_attention_dim", 1280)
     if isinstance(width, (list, tuple)):
         width = width[0] if len(set(width)) == 1 else None
     try:
         pooled = pooled_width(config)
-        return UNetInputs(int(config.get("in_channels", 4)), None if width is None else int(width), pooled,
-                          latent_scale_of(Path(model_dir), field))
+        return UNetInputs(int(config.get("in_channels", 4)), None if width is None else int(width), pooled, latent_scale)
     except InvalidInput as e:
-        raise InvalidInput(field, f"{config_path}: {e.reason}") from None
+        raise InvalidInput(field, f"{where}: {e.reason}") from None
     except (TypeError, ValueError):
-        raise InvalidInput(field, f"{config_path}: in_channels, cross_attention_dim or the added embedding's "
+        raise InvalidInput(field, f"{where}: in_channels, cross_attention_dim or the added embedding's "
                                   "widths are not numbers") from None
 
 

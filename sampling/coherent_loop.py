@@ -50,15 +50,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .coherent_rules import coherent_refusal
 from .comfy_call import AdvancedSampler, start_noise_scale
 from .errors import InvalidInput, SamplingStopped
 from .guidance import guided_denoise, guided_denoise_many
+from .hooks import CALLS_PER_STEP, ProgressHook, StopHook
 from .masks import grow_mask, to_latent
-from .coherent_rules import coherent_refusal
 from .names import SAMPLER_NAMES, check_implemented
 from .noise_sources import NoiseSource, Randomness
 from .samplers import SAMPLERS, StepContext
-from .hooks import ProgressHook, StopHook
 from .sampling_job import SamplingJob
 from .schedulers import schedule_for
 from .unipc_multistep import unipc_bh2_step, unipc_step
@@ -197,7 +197,7 @@ def sample_coherent(job: SamplingJob, randomness: Randomness, on_progress: Progr
     noise = SharedNoise(randomness, x, full, brownian)
     lanes = (Lane.of("base", base, noise), Lane.of("mask", mask_sampler, noise))
     shared_forward = base.denoiser is mask_sampler.denoiser
-    total_calls, done = 2 * (len(sigmas) - 1), 0
+    total_calls, done = CALLS_PER_STEP * (len(sigmas) - 1), 0
     for i in range(len(sigmas) - 1):
         noise.new_step()
         results = []

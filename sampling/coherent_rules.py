@@ -7,9 +7,6 @@ Nothing here imports torch.
 """
 from __future__ import annotations
 
-from .names import SAMPLER_NAMES
-
-
 # Samplers that give a wrong result even run alone, whatever the loop does (the reason is the error message).
 REFUSED_SAMPLERS = {
     "lcm": "it replaces the latent by the model's x0 estimate at every step and re-noises it, which samples "
@@ -33,7 +30,9 @@ def coherent_refusal(base_sampler: str, base_scheduler: str, mask_sampler: str, 
                      crop_margin: int | None) -> tuple[str, str] | None:
     """(field, reason) for the first thing coherent mode cannot honour in these settings, or None.
 
-    Names only, so a job document can be checked before any model or tensor is loaded.
+    Names only, so a job document can be checked before any model or tensor is loaded; the
+    names are known ones (the job model and the engine check them first), and coherent mode
+    implements every one (coherent_loop.COHERENT_STEPS is checked against sampling/names.py).
     """
     if crop_margin is not None:
         return "crop_margin", "not supported in coherent mode (the mask sampler must see the whole latent)"
@@ -44,8 +43,6 @@ def coherent_refusal(base_sampler: str, base_scheduler: str, mask_sampler: str, 
     for field, name in (("base_sampler", base_sampler), ("mask_sampler", mask_sampler)):
         if name in REFUSED_SAMPLERS:
             return f"{field}.sampler_name", f"{name!r} is refused in coherent mode: {REFUSED_SAMPLERS[name]}"
-        if name not in SAMPLER_NAMES:
-            return f"{field}.sampler_name", f"{name!r} is not supported in coherent mode"
     for field, name in (("base_sampler", base_sampler), ("mask_sampler", mask_sampler)):
         if (name, base_scheduler) in REFUSED_SCHEDULES:
             return f"{field}.scheduler", f"refused in coherent mode: {REFUSED_SCHEDULES[name, base_scheduler]}"

@@ -16,10 +16,8 @@ from typing import Mapping
 
 import torch
 
-SIZE_IDS = 6  # height, width, crop_h, crop_w, target_height, target_width
-
-
 SIZE_ID_NAMES = ("height", "width", "crop_h", "crop_w", "target_height", "target_width")
+SIZE_IDS = len(SIZE_ID_NAMES)
 
 
 def default_size_ids(latent_height: int, latent_width: int) -> tuple[int, ...]:

@@ -23,8 +23,8 @@ from .errors import InvalidInput, SamplingStopped
 from .masks import check_mask_fits, check_overlap, grow_mask, inverse_mask, normalize_mask, to_latent
 from .noise_sources import Randomness
 from .region_crop import crop_box
+from .hooks import CALLS_PER_STEP, ProgressHook, StopHook
 from .samplers import check_sampler_name
-from .hooks import ProgressHook, StopHook
 from .sampling_job import SamplingJob
 from .schedulers import check_scheduler_name
 
@@ -106,7 +106,7 @@ def _sample_comfy(job: SamplingJob, randomness: Randomness, on_progress: Progres
     box = None if params.crop_margin is None else crop_box(grown, params.crop_margin)
     mask_region = RegionMask.of(grown if box is None else box.crop(grown))
 
-    total_calls = 2 * (adv_steps - start)
+    total_calls = CALLS_PER_STEP * (adv_steps - start)
     schedules = ScheduleCache()
     scale = job.base.denoiser.latent_scale
     x = latent.float() * scale

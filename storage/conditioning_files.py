@@ -18,7 +18,7 @@ from .safetensors_files import (
     load_safetensors, pick_tensor, reject_pickle_suffix, require_finite, to_float32)
 
 POOLED = "pooled_prompt_embeds"
-SIZE_IDS = "add_time_ids"
+SIZE_IDS_KEY = "add_time_ids"
 
 
 class ConditioningFile(NamedTuple):
@@ -78,7 +78,7 @@ def decode_conditioning_file(data: bytes, field: str, name: str) -> Conditioning
         raise InvalidFile(
             field, f"has shape {list(embeds.shape)}; expected [B, T, D] or [T, D]")
     embeds = require_finite(to_float32(embeds, field), field)
-    size_ids = _size_ids(tensors.get(SIZE_IDS), field)
+    size_ids = _size_ids(tensors.get(SIZE_IDS_KEY), field)
     pooled = tensors.get(POOLED)
     if pooled is None:
         return ConditioningFile(embeds, None, size_ids)
@@ -99,10 +99,10 @@ def _size_ids(tensor: torch.Tensor | None, field: str) -> tuple[float, ...] | No
     if tensor is None:
         return None
     if tensor.numel() != 6 or tensor.ndim > 2:
-        raise InvalidFile(field, f"{SIZE_IDS} has shape {list(tensor.shape)}; expected six values: height, width, "
+        raise InvalidFile(field, f"{SIZE_IDS_KEY} has shape {list(tensor.shape)}; expected six values: height, width, "
                                  "crop top, crop left, target height, target width")
     try:
         values = require_finite(to_float32(tensor, field), field)
     except InvalidFile as e:
-        raise InvalidFile(field, f"{SIZE_IDS} {e.reason}") from None
+        raise InvalidFile(field, f"{SIZE_IDS_KEY} {e.reason}") from None
     return tuple(float(v) for v in values.flatten())

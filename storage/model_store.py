@@ -72,6 +72,12 @@ def available_models(models_root: Path) -> list[str]:
                   and (p.is_dir() or (p.suffix == CHECKPOINT_SUFFIX and p.is_file())))
 
 
+def pickle_checkpoint(file_name: str, field: str) -> InvalidFile:
+    """The refusal of a pickle-format checkpoint named as a model, in a local store or on S3."""
+    return InvalidFile(field, f"{file_name} is a pickle-format checkpoint: it is never loaded (unpickling can run "
+                              "code); convert it to safetensors")
+
+
 def resolve_model(models_root: Path, name: str, field: str = "model") -> Path:
     """The model ``name`` names: a single-file checkpoint ``NAME`` or ``NAME.safetensors`` in the root
     (ComfyUI's models/checkpoints and models/unet), else a diffusers directory (resolve_model_dir).
@@ -86,8 +92,7 @@ def resolve_model(models_root: Path, name: str, field: str = "model") -> Path:
                 return resolve_path(candidate, field)
         for candidate in [root / name] + [root / f"{name}{suffix}" for suffix in PICKLE_SUFFIXES]:
             if candidate.suffix.lower() in PICKLE_SUFFIXES and candidate.is_file():
-                raise InvalidFile(field, f"{candidate.name} is a pickle-format checkpoint: it is never loaded (unpickling "
-                                         "can run code); convert it to safetensors")
+                raise pickle_checkpoint(candidate.name, field)
     return resolve_model_dir(models_root, name, field)
 
 
@@ -217,8 +222,7 @@ class ModelStore:
         if CHECKPOINT_SUFFIX not in objects or suffix in PICKLE_SUFFIXES:
             pickled = [found for found in PICKLE_SUFFIXES if found in objects and suffix in ("", found)]
             if pickled:
-                raise InvalidFile(field, f"{stem}{pickled[0]} is a pickle-format checkpoint: it is never loaded "
-                                         "(unpickling can run code); convert it to safetensors")
+                raise pickle_checkpoint(stem + pickled[0], field)
             return None
         return [{"key": obj["Key"], "rel": stem + suffix, "size": obj["Size"], "etag": obj.get("ETag", "")}
                 for suffix, obj in sorted(objects.items(), key=lambda item: item[0] != CHECKPOINT_SUFFIX)

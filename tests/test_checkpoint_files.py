@@ -166,3 +166,11 @@ def test_a_bad_sidecar_is_a_field_error(tmp_path, sidecar, said):
     path.with_suffix(".json").write_text(json.dumps(sidecar))
     with pytest.raises(InvalidInput, match=said):
         read_checkpoint(path, "base_sampler.model")
+
+
+def test_a_sidecar_config_that_is_not_numbers_is_a_field_error(tmp_path):
+    """The sidecar's config goes through the same checks as a folder's config.json (it raised ValueError)."""
+    path = as_checkpoint("tiny", tmp_path)
+    path.with_suffix(".json").write_text(json.dumps({"in_channels": "four"}))
+    with pytest.raises(InvalidInput, match="^base_sampler.model: tiny.safetensors: in_channels, cross_attention_dim"):
+        unet_inputs(path, "base_sampler.model")
