@@ -107,8 +107,9 @@ class DigitModel(torch.nn.Module):
 
 
 def train(model: DigitModel, schedule: NoiseSchedule, images: torch.Tensor, labels: torch.Tensor,
-          minutes: float, seed: int, batch: int = 64) -> tuple[DigitModel, int]:
-    """Eps-prediction training on the schedule's 1000 timesteps for `minutes`; returns the EMA model and steps run."""
+          minutes: float, seed: int, batch: int = 64, max_steps: int | None = None) -> tuple[DigitModel, int]:
+    """Eps-prediction training on the schedule's 1000 timesteps for `minutes` (or `max_steps`, whichever
+    comes first: a step count gives the same weights on the same machine); returns the EMA model and steps run."""
     g = torch.Generator().manual_seed(seed)
     alphas_cumprod = 1.0 / (1.0 + schedule.sigmas.double() ** 2)
     ema = DigitModel()
@@ -117,7 +118,7 @@ def train(model: DigitModel, schedule: NoiseSchedule, images: torch.Tensor, labe
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     model.train()
     steps, deadline = 0, time.monotonic() + minutes * 60
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (max_steps is None or steps < max_steps):
         idx = torch.randint(len(images), (batch,), generator=g)
         x0, y = images[idx], labels[idx].clone()
         y[torch.rand(batch, generator=g) < 0.15] = UNCOND
@@ -225,6 +226,7 @@ def save_grid(cells: dict[tuple[str, str], torch.Tensor | None], samplers, modes
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-minutes", type=float, default=3.0)
+    parser.add_argument("--train-steps", type=int, default=None, help="stop training after this many steps")
     parser.add_argument("--samplers", nargs="+", default=list(DEFAULT_SAMPLERS))
     parser.add_argument("--jobs", type=int, default=20, help="jobs per sampler and mode")
     parser.add_argument("--steps", type=int, default=20)
@@ -250,7 +252,7 @@ def main() -> None:
         train_note = f"loaded from {weights}"
     else:
         start = time.perf_counter()
-        model, steps = train(model, schedule, train_x, train_y, args.train_minutes, args.seed)
+        model, steps = train(model, schedule, train_x, train_y, args.train_minutes, args.seed, max_steps=args.train_steps)
         train_note = f"{steps} steps of batch 64 in {time.perf_counter() - start:.0f} s"
         if weights is not None:
             weights.parent.mkdir(parents=True, exist_ok=True)

@@ -5,10 +5,13 @@ revokes the task id through Celery, so a queued job is dropped by the worker tha
 receives it. A running job sees the flag at its next sampler call (the loop raises
 SamplingStopped before writing anything) and ends as REVOKED: the task stores
 TaskRevokedError("cancelled") through the result backend and raises Ignore, so Celery
-leaves that state alone and acks the message. No output is written.
+leaves that state alone and acks the message. No output is written. Ignore sends no task
+event, so the task sends `task-revoked` itself (when events are on): Flower would
+otherwise show the job STARTED for ever.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, NoReturn
 
 from celery.exceptions import Ignore
@@ -16,6 +19,8 @@ from celery.exceptions import Ignore
 from ..sampling.errors import SamplingStopped
 from .lifecycle import Concern, TaskRun
 from .redis_keys import cancel_key, connection, ttl
+
+log = logging.getLogger(__name__)
 
 CANCELLED = "cancelled"
 
@@ -36,6 +41,11 @@ def stop_hook(task_id: str) -> Callable[[], bool]:
 def end_cancelled(task: Any) -> NoReturn:
     """Store REVOKED for the running task and tell Celery not to record anything else."""
     task.backend.mark_as_revoked(task.request.id, CANCELLED, request=task.request)
+    if task.app.conf.worker_send_task_events:
+        try:  # as Celery's own revoke sends it (celery.worker.request.Request.send_event)
+            task.send_event("task-revoked", retry=False, terminated=True, signum=None, expired=False)
+        except Exception as e:  # the state is stored; a monitor missing the event is not the job's failure
+            log.warning("task-revoked event not sent for %s: %s", task.request.id, e)
     raise Ignore()
 
 

@@ -19,6 +19,8 @@ Metrics (all ``maskfleet_``-prefixed; only the task ``maskfleet.sample`` is coun
   ``sent_at`` header maskfleet.client adds, wall clock) to ``task_prerun``, first
   attempts only. Messages sent without the header (another producer) are not observed.
   Producer and worker clocks must agree (NTP).
+- ``maskfleet_job_step`` / ``maskfleet_job_total_steps``: gauges, the step and total of the
+  last PROGRESS update this process sent (the numbers status and webhooks carry).
 - ``maskfleet_sampling_steps_per_second``: gauge, the last job's ``steps / seconds.sampling``
   from its result (a result returned again for a finished job_id is not counted).
 - ``maskfleet_model_loads_total``, ``maskfleet_model_cache_hits_total``,
@@ -47,6 +49,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .progress import subscribe
 from .settings import TASK_NAME, load_settings
 from .worker_pipeline import current_pipeline
 
@@ -55,8 +58,9 @@ log = logging.getLogger(__name__)
 SENT_AT_HEADER = "sent_at"
 
 OUTCOMES = {states.SUCCESS: "succeeded", states.FAILURE: "failed", states.IGNORED: "cancelled", states.RETRY: "retried"}
-# Diffusion jobs take seconds to many minutes; queue waits from nothing to hours.
-DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))
+# Diffusion jobs take a tenth of a second (a small latent on a fast GPU) to an hour; queue waits
+# from nothing to hours.
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf"))
 WAIT_BUCKETS = (0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 600, 1800, 3600, 4 * 3600, float("inf"))
 
 registry = CollectorRegistry()
@@ -67,6 +71,9 @@ queue_wait = Histogram("maskfleet_queue_wait_seconds", "Time from submit to the 
                        buckets=WAIT_BUCKETS, registry=registry)
 steps_per_second = Gauge("maskfleet_sampling_steps_per_second", "Sampling steps per second of the last job",
                          registry=registry)
+job_step = Gauge("maskfleet_job_step", "The step of the last PROGRESS update (status and webhooks say the same)",
+                 registry=registry)
+job_total_steps = Gauge("maskfleet_job_total_steps", "The job's steps in the last PROGRESS update", registry=registry)
 for _outcome in OUTCOMES.values():
     jobs_total.labels(_outcome)
 
@@ -135,6 +142,12 @@ def serve(index: int = 0) -> int | None:
             return None
         _server = (os.getpid(), port + index)
         return port + index
+
+
+@subscribe
+def _on_progress(task: Any, meta: dict) -> None:
+    job_step.set(meta["step"])
+    job_total_steps.set(meta["total"])
 
 
 @worker_process_init.connect

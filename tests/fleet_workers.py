@@ -96,3 +96,57 @@ class Worker:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         return self.proc.returncode
+
+
+class Flower:
+    """`python -m celery -A maskfleet.tasks.app flower` on 127.0.0.1:`port`, its API open (FLOWER_UNAUTHENTICATED_API),
+    as the README runs it; `ready` once it answers and has seen a worker's heartbeat (its event capture is on)."""
+
+    def __init__(self, url: str, port: int, log: Path, extra_env: dict | None = None):
+        self.base = f"http://127.0.0.1:{port}"
+        self.log = log
+        env = {**os.environ, "MASKFLEET_BROKER_URL": url, "MASKFLEET_RESULT_BACKEND": url,
+               "FLOWER_UNAUTHENTICATED_API": "true", **(extra_env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "maskfleet.tasks.app", "flower", "--address=127.0.0.1", f"--port={port}"],
+            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def get(self, path: str, timeout: float = 5.0):
+        """The JSON (or, for /metrics, the text) Flower answers at `path`."""
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(self.base + path, timeout=timeout) as response:
+            body = response.read().decode()
+        return body if path.startswith("/metrics") else json.loads(body)
+
+    def task_state(self, task_id: str) -> str | None:
+        import urllib.error
+
+        try:
+            return self.get(f"/api/task/info/{task_id}")["state"]
+        except urllib.error.HTTPError as e:
+            if e.code == 404:  # no event of it seen yet
+                return None
+            raise
+
+    def wait_ready(self, worker_name: str, deadline_s: float = 90.0) -> None:
+        def seen_worker() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"flower exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            try:
+                return f'flower_worker_online{{worker="{worker_name}"}} 1.0' in self.get("/metrics")
+            except OSError:
+                return False
+
+        wait_for(seen_worker, deadline_s, f"heartbeat of {worker_name} in Flower", poll=0.3)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()

@@ -25,6 +25,7 @@ KNOWN_ENV = {
     "MASKFLEET_MODELS", "MASKFLEET_MODEL_CACHE", "MASKFLEET_DEVICE", "MASKFLEET_DTYPE", "MASKFLEET_WEBHOOK_SECRET",
     "MASKFLEET_S3_ADDRESSING_STYLE", "MASKFLEET_CALLBACK_ALLOWLIST", "MASKFLEET_LEASE_SECONDS", "MASKFLEET_MAX_DELIVERIES",
     "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+    "FLOWER_BASIC_AUTH", "FLOWER_TASK_RUNTIME_METRIC_BUCKETS",
 }
 SOURCE_DIRS = ["maskfleet", "tasks", "worker", "storage", "sampling"]
 
@@ -127,6 +128,11 @@ def test_env_names_are_read_by_our_code():
     assert not missing, f"KNOWN_ENV names no longer read by the code: {missing}"
     source = "\n".join(p.read_text() for d in SOURCE_DIRS for p in (ROOT / d).rglob("*.py"))
     assert all(n in source for n in KNOWN_ENV if n.startswith("AWS_"))  # boto3's, named in our docs
+    import flower.options  # noqa: F401 (defines Flower's options, which FLOWER_<OPTION> sets)
+    from tornado.options import options
+
+    flower_env = [n[len("FLOWER_"):].lower().replace("_", "-") for n in KNOWN_ENV if n.startswith("FLOWER_")]
+    assert flower_env and all(name in options._options for name in flower_env)  # tornado names options with dashes
 
     used = set(find("ConfigMap", "maskfleet-config")["data"]) | set(find("Secret", "maskfleet-secrets")["stringData"])
     services = compose()["services"]
@@ -163,6 +169,19 @@ def test_flower_port_consistent():
     svc = find("Service", "maskfleet-flower")
     assert [p["targetPort"] for p in svc["spec"]["ports"]] == [kport]
     assert cport == kport
+
+
+def test_flower_runtime_buckets_are_ours_and_it_asks_for_a_password():
+    from maskfleet.tasks.metrics import DURATION_BUCKETS
+
+    ours = [b for b in DURATION_BUCKETS if b != float("inf")]
+    container = find("Deployment", "maskfleet-flower")["spec"]["template"]["spec"]["containers"][0]
+    k8s_env = {e["name"]: e for e in container["env"]}
+    compose_env = compose()["services"]["flower"]["environment"]
+    for buckets in (k8s_env["FLOWER_TASK_RUNTIME_METRIC_BUCKETS"]["value"], compose_env["FLOWER_TASK_RUNTIME_METRIC_BUCKETS"]):
+        assert [float(b) for b in buckets.split(",")] == ours
+    assert k8s_env["FLOWER_BASIC_AUTH"]["valueFrom"]["secretKeyRef"] == {"name": "maskfleet-secrets", "key": "FLOWER_BASIC_AUTH"}
+    assert compose_env["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")  # compose refuses to start without it
 
 
 def test_grace_period_exceeds_longest_job():
