@@ -13,12 +13,9 @@ import time
 from pathlib import Path
 
 from .job import MAX_JOB_BYTES, JobError, field_help, fields_markdown, job_schema, parse_job
+from .step_display import StepDisplay, progress_line
 
 EXIT_INVALID = 2
-
-
-def _progress_line(step, total, sampler) -> str:
-    return f"[maskfleet] step {step}/{total} ({sampler} sampler)"
 
 
 def _progress_printer(stream):
@@ -26,36 +23,33 @@ def _progress_printer(stream):
     from .sampling.hooks import job_step
 
     def report(done: int, total: int, which: str) -> None:
-        print(_progress_line(*job_step(done, total), which), file=stream, flush=True)
+        print(progress_line(*job_step(done, total), which), file=stream, flush=True)
 
     return report
 
 
 def _follow(handle, quiet: bool, alive=lambda: True, timeout: float | None = None) -> dict:
-    """Poll `handle` until its job ends, printing each new progress step on stderr (and the last,
-    steps/steps, when the job succeeded between two polls); its last status (not final when `alive()`
-    turned false or `timeout` seconds passed)."""
+    """Poll `handle` until its job ends, showing each new progress step on stderr (step_display.py);
+    its last status (not final when `alive()` turned false or `timeout` seconds passed)."""
     from .client import FINAL_STATES
 
     deadline = None if timeout is None else time.monotonic() + timeout
-    seen = last = None
-    while True:
-        status = handle.status()
-        meta = status["meta"]
-        if status["state"] == "PROGRESS" and isinstance(meta, dict):
-            last = meta
-            line = _progress_line(meta.get("step"), meta.get("total"), meta.get("sampler"))
-            if line != seen and not quiet:
-                print(line, file=sys.stderr, flush=True)
-                seen = line
-        if status["state"] in FINAL_STATES:
-            end = last and _progress_line(last.get("total"), last.get("total"), "mask")
-            if status["state"] == "SUCCESS" and end and end != seen and not quiet:
-                print(end, file=sys.stderr, flush=True)
-            return status
-        if not alive() or (deadline is not None and time.monotonic() >= deadline):
-            return status
-        time.sleep(0.05)
+    display = StepDisplay(sys.stderr, quiet)
+    try:
+        while True:
+            status = handle.status()
+            meta = status["meta"]
+            if status["state"] == "PROGRESS" and isinstance(meta, dict):
+                display.show(meta.get("step"), meta.get("total"), meta.get("sampler"))
+            if status["state"] in FINAL_STATES:
+                if status["state"] == "SUCCESS":
+                    display.succeeded()
+                return status
+            if not alive() or (deadline is not None and time.monotonic() >= deadline):
+                return status
+            time.sleep(0.05)
+    finally:
+        display.close()
 
 
 def _read_job(path: str):
