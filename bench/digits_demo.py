@@ -22,11 +22,14 @@ For comparison, each sampler alone on one 16x16 cell asking digit a (`run_alone`
 often the digit is read, and its roughness, the model's own at this step count.
 
 A grid of examples (rows: samplers, columns: modes; the same digit pairs and seed in
-every cell) goes to docs/mode_grid.png. Modes come from `maskfleet.sampling.MODES`, so
+every cell) goes to docs/mode_grid.png. `--export maskfleet/demo_model` writes the
+trained model as `maskfleet demo` ships it: the UNet as a diffusers folder and the class
+tokens as conditioning rows (`class_tokens.safetensors`, row 10 the unconditional one). Modes come from `maskfleet.sampling.MODES`, so
 `coherent` joins as soon as the engine has it; a sampler a mode refuses is reported.
 
     pip install -e '.[bench]'   # scikit-learn
     python bench/digits_demo.py [--train-minutes 3] [--samplers euler heun ...] [--jobs 20] [--threads 1]
+    python bench/digits_demo.py --train-minutes 30 --train-steps 2000 --model-dir DIR --export maskfleet/demo_model
 """
 from __future__ import annotations
 
@@ -141,6 +144,12 @@ def train(model: DigitModel, schedule: NoiseSchedule, images: torch.Tensor, labe
     return ema.eval(), steps
 
 
+def export_demo_model(model: DigitModel, folder: Path) -> None:
+    """The model as `maskfleet demo` takes it: a bare diffusers UNet folder plus the class tokens."""
+    model.unet.save_pretrained(folder, safe_serialization=True)
+    save_file({"tokens": model.tokens.weight.detach().contiguous()}, folder / "class_tokens.safetensors")
+
+
 def run_jobs(model: DigitModel, denoiser: UNetDenoiser, sampler_name: str, mode: str, pairs: torch.Tensor,
              args) -> torch.Tensor:
     """One latent batch, row i asking digit pairs[i, 0] on the left and pairs[i, 1] on the right: [N, 1, 16, 32]."""
@@ -238,6 +247,8 @@ def main() -> None:
     parser.add_argument("--grid", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "mode_grid.png")
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="reuse the model saved here (train and save it there when absent)")
+    parser.add_argument("--export", type=Path, default=None,
+                        help="also write the model as maskfleet demo ships it (maskfleet/demo_model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -258,6 +269,9 @@ def main() -> None:
             weights.parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
     model.eval().requires_grad_(False)
+    if args.export is not None:
+        export_demo_model(model, args.export)
+        print(f"exported to {args.export}")
     denoiser = UNetDenoiser(model.unet, schedule, latent_scale=1.0)
 
     modes = [m for m in ("comfy", "coherent") if m in MODES]

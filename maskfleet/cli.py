@@ -89,7 +89,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     Broker, result backend and worker are in memory (maskfleet/embedded.py): no Redis, no S3.
     """
-    from .demo import write_demo_files
+    from .demo import write_demo_files, write_demo_picture
     from .embedded import embedded_fleet
     from .tasks.settings import DEFAULT_QUEUE, model_queue
 
@@ -114,8 +114,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return EXIT_INVALID if isinstance(meta, dict) and meta.get("error") == "InvalidJob" else 1
     print(json.dumps(result))
     print(f"[maskfleet] output latent: {_local_path(result['output'])}", file=sys.stderr)
-    if result.get("preview"):
-        print(f"[maskfleet] preview PNG:   {_local_path(result['preview'])}", file=sys.stderr)
+    print(f"[maskfleet] picture:       {write_demo_picture(folder).resolve()} (noise, mask, result)", file=sys.stderr)
     return 0
 
 

@@ -97,9 +97,17 @@ def load_unet_denoiser(model_dir: Path, device: str | torch.device = "cpu", dtyp
     if not (unet_dir / "config.json").is_file():
         raise InvalidInput("model", f"{model_dir} holds no diffusers UNet (config.json missing)")
     scheduler_dir = model_dir / "scheduler" if unet_dir != model_dir else None
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype, use_safetensors=True)
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype, **diffusers_load_options())
     unet.to(device).eval().requires_grad_(False)
     return UNetDenoiser(unet, noise_schedule_of(scheduler_dir), latent_scale_of(model_dir))
+
+
+def diffusers_load_options() -> dict:
+    """How we call diffusers' from_pretrained: safetensors only, and low_cpu_mem_usage only where accelerate is
+    installed (its default, minus the warning diffusers prints at every load when it is not)."""
+    import importlib.util
+
+    return {"use_safetensors": True, "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
 
 
 def latent_scale_of(model_dir: Path, field: str = "model") -> float:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .model_dirs import diffusers_load_options
 from .sampling.errors import InvalidInput
 
 DOWNSCALE = 8
@@ -114,7 +115,7 @@ def load_vae(model_path: Path, device: torch.device, field: str = "model") -> VA
         vae = _checkpoint_vae(model_path, field)
     else:
         vae_latent_channels(model_path, field)  # the refusal when there is none
-        vae = AutoencoderKL.from_pretrained(_vae_folder(model_path), torch_dtype=torch.float32, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(_vae_folder(model_path), torch_dtype=torch.float32, **diffusers_load_options())
     vae.to(device).eval().requires_grad_(False)
     return VAECodec(vae, device)
 
