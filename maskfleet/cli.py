@@ -188,6 +188,45 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_workers(specs)
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    """Serve the HTTP API with uvicorn (the `gateway` extra)."""
+    if args.insecure_no_auth and args.host not in LOOPBACK:
+        print(f"maskfleet: --insecure-no-auth serves loopback only, not {args.host!r}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        import uvicorn
+
+        from .gateway.app import create_app
+    except ImportError as e:
+        print(f"maskfleet: the gateway needs its extra: pip install 'maskfleet[gateway]' ({e})", file=sys.stderr)
+        return 1
+    try:
+        app = create_app(insecure_no_auth=args.insecure_no_auth)
+    except ValueError as e:
+        print(f"maskfleet: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, proxy_headers=True)
+    return 0
+
+
+def cmd_api_key(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .gateway.api_keys import new_key
+
+    try:
+        token, entry = new_key(args.name, [s.strip() for s in args.scopes.split(",") if s.strip()])
+    except ValidationError as e:
+        print(f"maskfleet: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"key (shown once, give it to the producer): {token}", file=sys.stderr)
+    print(json.dumps(entry))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskfleet", description="Two-sampler masked diffusion sampling.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,9 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="write a tiny model and example inputs, then run a first job on them through Celery, all in this process",
-        description="Write a tiny model and example inputs into --dir, then run the job through the Celery task "
-        "(maskfleet.sample) with an in-process broker, result backend and worker: no Redis or S3 needed.",
+        help="write the trained digits model and a job into a folder, then run it through Celery, all in this process",
+        description="Write the digits model shipped with maskfleet and a job (a 3 outside the mask, a 7 inside) into "
+        "--dir, run it through the Celery task (maskfleet.sample) with an in-process broker, result backend and "
+        "worker (no Redis or S3 needed), and draw demo.png: the starting noise, the mask and the result.",
     )
     demo.add_argument("--dir", default="maskfleet-demo", help="folder for the demo files (default: ./maskfleet-demo)")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -244,6 +284,23 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=1, help="pool processes per worker (default: 1; a pipelined worker, MASKFLEET_PIPELINE=1, runs 2 x MASKFLEET_BATCH_JOBS job threads instead)")
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(func=cmd_worker)
+
+    gateway = sub.add_parser("gateway", help="serve the HTTP API (submit, watch, cancel jobs from any language)",
+                             description="The HTTP gateway in front of the fleet (docs/gateway.md); API keys from "
+                                         "$MASKFLEET_API_KEYS_FILE.")
+    gateway.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    gateway.add_argument("--port", type=int, default=8080, help="default: 8080")
+    gateway.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    gateway.add_argument("--insecure-no-auth", action="store_true",
+                         help="no API keys: every request may do everything; loopback only")
+    gateway.set_defaults(func=cmd_gateway)
+
+    api_key = sub.add_parser("api-key", help="make an API key for the gateway: the key, and the entry for the key file",
+                             description="Print a new key on stderr (once: only its SHA-256 is kept) and its entry "
+                                         "for $MASKFLEET_API_KEYS_FILE (a JSON list) on stdout.")
+    api_key.add_argument("name", help="the key's name (owner of the jobs it submits)")
+    api_key.add_argument("--scopes", default="submit,read,cancel", help="comma-separated: submit, read, cancel, admin")
+    api_key.set_defaults(func=cmd_api_key)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of a job")
     schema.add_argument("--markdown", action="store_true", help="a table of the fields instead (docs/job.md)")

@@ -21,7 +21,7 @@ from .job import Job, JobError, parse_job
 from .tasks.app import app as default_app, configure
 from .tasks.callback_policy import check_callback_url
 from .tasks.cancellation import request_cancel
-from .tasks.idempotency import claim_submission, was_submitted
+from .tasks.idempotency import claim_submission, job_digest, was_submitted
 from .tasks.settings import TASK_NAME, check_time_limit, load_settings, soft_limit
 
 FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
@@ -105,10 +105,12 @@ class JobHandle:
             self.app.backend.mark_as_revoked(self.task_id, "cancelled")
 
 
-def submit(job: dict | str | bytes | Job, *, broker_url: str | None = None, queue: str | None = None) -> JobHandle:
+def submit(job: dict | str | bytes | Job, *, broker_url: str | None = None, queue: str | None = None,
+           owner: str | None = None) -> JobHandle:
     """Validate `job` (a dict, JSON text or a Job) locally and send it; a job_id already submitted is not sent again.
 
     The task id is the job_id when there is one. `queue` overrides the route by model.
+    `owner` (the HTTP gateway's API key name) is kept in the submission record.
     JobError (a ValueError) names the field when the job is bad, its `time_limit` exceeds
     this environment's MASKFLEET_MAX_JOB_SECONDS, or its `callback.url` is refused by the
     callback policy (MASKFLEET_CALLBACK_ALLOWLIST here); nothing is sent then.
@@ -131,7 +133,8 @@ def submit(job: dict | str | bytes | Job, *, broker_url: str | None = None, queu
     # Redis, so a wrong password or an unreachable Redis fails here at once and clearly
     # (Celery's own first contact retries for about 20 s, then says little).
     task_id = parsed.job_id or str(uuid.uuid4())
-    if not claim_submission(task_id, app.conf.result_backend):
+    record = {"digest": job_digest(parsed), "submitted_at": time.time(), "owner": owner}
+    if not claim_submission(task_id, app.conf.result_backend, record):
         return JobHandle(task_id, app, submitted=False)
     sent = app.send_task(TASK_NAME, args=[parsed.model_dump(mode="json")], task_id=task_id, **options)
     return JobHandle(sent.id, app)

@@ -60,6 +60,10 @@ class Settings(BaseModel):
     s3_connect_timeout: float = Field(5.0, gt=0, description="Seconds.")
     s3_read_timeout: float = Field(60.0, gt=0, description="Seconds.")
     s3_max_pool: int = Field(16, gt=0, description="Connections kept in the pool.")
+    # -- HTTP gateway (`maskfleet gateway`)
+    api_keys_file: str | None = Field(None, description="File of the gateway's API keys: {name, sha256 of the key, scopes} entries, one per line or as a JSON list (`maskfleet api-key` makes an entry). Required unless the gateway runs with --insecure-no-auth.")
+    max_queue_depth: int | None = Field(None, ge=1, description="Jobs a model's queue may hold (waiting or running) before the gateway answers 429 with Retry-After; unset: no limit.")
+    max_wait_seconds: int = Field(60, ge=0, le=600, description="The longest the gateway holds a request that asks `Prefer: wait=N`.")
     # -- operations
     metrics_port: int = Field(9808, ge=0, le=65535, description="Prometheus metrics port (worker N serves port + N); 0 disables.")
     metrics_addr: str = Field("0.0.0.0", description="Address the metrics server binds.")

@@ -2,6 +2,9 @@
 
 - Producer side, `claim_submission` does SET NX on `maskfleet:submitted:<job_id>`: only
   the first submission of a job id sends a message (and the Celery task id is the job id).
+  The key holds the submission's record (JSON: the job document's digest, when it was
+  sent, and the gateway's API key name that owns it), which tells a repeat from a
+  different document under the same id.
 - Worker side, a job that succeeded leaves `maskfleet:done:<job_id>` (its result and the
   digest of the job document), written from Celery's task_success signal. A redelivered
   message (worker lost after the output was written, before the ack) finds it and returns
@@ -26,9 +29,21 @@ def job_digest(job: Job) -> str:
     return hashlib.sha256(job.model_dump_json().encode()).hexdigest()
 
 
-def claim_submission(job_id: str, url: str | None = None) -> bool:
-    """True for the first submission of `job_id` (within the key's lifetime)."""
-    return bool(connection(url).set(submitted_key(job_id), "1", nx=True, ex=ttl()))
+def claim_submission(job_id: str, url: str | None = None, record: dict | None = None) -> bool:
+    """True for the first submission of `job_id` (within the key's lifetime), which stores `record`."""
+    return bool(connection(url).set(submitted_key(job_id), json.dumps(record or {}), nx=True, ex=ttl()))
+
+
+def submission_record(job_id: str, url: str | None = None) -> dict | None:
+    """The record stored by the submission of `job_id`, None when none is on record ({} for an old "1")."""
+    raw = connection(url).get(submitted_key(job_id))
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def was_submitted(job_id: str, url: str | None = None) -> bool:

@@ -1,0 +1,108 @@
+"""What the gateway does with jobs, in the producer client's terms (maskfleet/client.py): submit, look up,
+wait, cancel; who may see which job; when a queue is too full to take more.
+
+Blocking calls (Redis, the result backend): the routes run them in Starlette's thread pool.
+A job is visible to the key that submitted it (the `owner` in its submission record) and to
+admin keys; to anyone else it does not exist (404, never 403, so ids do not leak). Jobs
+sent by other means (no record, or no owner) are visible to admin keys only.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import redis
+
+from ..client import JobHandle, UnknownJob, _app, submit
+from ..job import Job, JobError
+from ..settings import Settings
+from ..tasks.idempotency import job_digest, submission_record
+from ..tasks.queue_depth import queue_depth
+from ..tasks.settings import model_queue
+from .api_keys import ApiKey
+from .errors import ApiError
+from .job_views import FINISHED, JobView, job_view
+
+RETRY_AFTER_SECONDS = 10  # what a 429 asks a producer to wait before trying again
+WAIT_POLL_SECONDS = 0.1
+
+
+class JobDesk:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.app = _app(settings.broker_url)
+        self.backend = self.app.conf.result_backend
+        self.broker = redis.Redis.from_url(settings.broker_url)
+
+    def submit(self, job: Job, key: ApiKey) -> tuple[bool, JobView]:
+        """(created, view): a new job is sent; the same job_id with the same document is the existing job."""
+        if job.job_id is None:
+            job = job.model_copy(update={"job_id": str(uuid.uuid4())})
+        record = submission_record(job.job_id, self.backend)
+        if record is not None:
+            return False, self._repeat(job, record, key)
+        self._check_room(model_queue(job.base_sampler.model))
+        try:
+            handle = submit(job, broker_url=self.settings.broker_url, owner=key.name)
+        except JobError as e:  # time_limit over the maximum, a callback the policy refuses
+            raise ApiError(422, "InvalidJob", str(e)) from None
+        if not handle.submitted:  # another request with this id won the claim meanwhile
+            return False, self._repeat(job, submission_record(job.job_id, self.backend) or {}, key)
+        return True, self.view(job.job_id, key)
+
+    def view(self, job_id: str, key: ApiKey) -> JobView:
+        record = submission_record(job_id, self.backend)
+        status = JobHandle(job_id, self.app).status()
+        if not self._visible(record, key) or (record is None and status["state"] == "PENDING"):
+            raise ApiError(404, "NotFound", f"no job {job_id!r}")
+        return job_view(status, record)
+
+    def wait(self, job_id: str, key: ApiKey, seconds: float) -> JobView:
+        """The job once finished, or as it stands after `seconds`."""
+        deadline = time.monotonic() + seconds
+        while True:
+            view = self.view(job_id, key)
+            if view.state in FINISHED or time.monotonic() >= deadline:
+                return view
+            time.sleep(WAIT_POLL_SECONDS)
+
+    def cancel(self, job_id: str, key: ApiKey) -> tuple[str, JobView]:
+        """(what it was: queued or running, the job after the request); 409 for a job that already ended."""
+        before = self.view(job_id, key)
+        if before.state in FINISHED:
+            raise ApiError(409, "AlreadyFinished", f"job {job_id!r} already {before.state}")
+        try:
+            JobHandle(job_id, self.app).cancel()
+        except UnknownJob as e:
+            raise ApiError(404, "NotFound", str(e)) from None
+        return before.state, self.view(job_id, key)
+
+    def ready(self) -> dict[str, Any]:
+        """What /readyz checks: the broker's Redis answers (the result backend is the same one unless set apart)."""
+        try:
+            self.broker.ping()
+            if self.backend != self.settings.broker_url:
+                redis.Redis.from_url(self.backend).ping()
+        except redis.RedisError as e:
+            raise ApiError(503, "NotReady", f"Redis does not answer: {e}") from None
+        return {"redis": "ok"}
+
+    def _repeat(self, job: Job, record: dict, key: ApiKey) -> JobView:
+        if not self._visible(record, key) or record.get("digest") not in (None, job_digest(job)):
+            raise ApiError(409, "Conflict", f"job_id: {job.job_id!r} was already submitted with a different document")
+        return self.view(job.job_id, key)
+
+    def _check_room(self, queue: str) -> None:
+        limit = self.settings.max_queue_depth
+        if limit is None:
+            return
+        depth = queue_depth(self.broker, queue)
+        if depth >= limit:
+            raise ApiError(429, "QueueFull", f"queue {queue} holds {depth} jobs (MASKFLEET_MAX_QUEUE_DEPTH={limit}); "
+                                             f"try again in {RETRY_AFTER_SECONDS} s",
+                           {"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+    @staticmethod
+    def _visible(record: dict | None, key: ApiKey) -> bool:
+        return key.admin or (record is not None and record.get("owner") == key.name)

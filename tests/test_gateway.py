@@ -1,0 +1,258 @@
+"""The HTTP gateway end to end: a real `maskfleet gateway` (uvicorn) process, the run's Redis, a real
+worker, requests over HTTP with httpx.
+
+Four API keys: two submitters (a, b: submit, read, cancel), a reader and an admin. Jobs
+for the model `tiny` run on the worker; jobs for models no worker serves (`idle-*`) stay
+queued, which is how queued jobs, cancelling them and a full queue (the gateway runs with
+MASKFLEET_MAX_QUEUE_DEPTH=2) are tested.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
+from metrics_scrape import free_port
+
+from maskfleet.client import _app
+from maskfleet.gateway.api_keys import new_key
+from maskfleet.tasks.settings import model_queue
+from fleet_workers import Worker, claim_db_url, flush, require_redis, wait_for
+
+CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"  # 6 steps
+MAX_QUEUE_DEPTH = 2
+
+require_redis()
+
+
+class Gateway:
+    """`python -m maskfleet.cli gateway` on 127.0.0.1:`port` with `env`; stopped by `stop`."""
+
+    def __init__(self, port: int, env: dict, log: Path, *args: str):
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "maskfleet.cli", "gateway", "--port", str(port), *args],
+                                     env={**os.environ, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+    def wait_ready(self, deadline_s: float = 60) -> None:
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            try:
+                return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, deadline_s, "gateway /healthz", poll=0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gateway")
+    url = claim_db_url()
+    tokens, entries = {}, []
+    for name, scopes in (("a", "submit,read,cancel"), ("b", "submit,read,cancel"), ("reader", "read"), ("ops", "admin")):
+        tokens[name], entry = new_key(name, scopes.split(","))
+        entries.append(entry)
+    (root / "keys.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))  # as `maskfleet api-key >>` writes
+    worker = gateway = None
+    try:
+        worker = Worker("gateway", [model_queue("tiny")], url, make_models_dir(root), root / "worker.log")
+        gateway = Gateway(free_port(), {"MASKFLEET_BROKER_URL": url, "MASKFLEET_RESULT_BACKEND": url,
+                                        "MASKFLEET_API_KEYS_FILE": str(root / "keys.jsonl"),
+                                        "MASKFLEET_MAX_QUEUE_DEPTH": str(MAX_QUEUE_DEPTH)}, root / "gateway.log")
+        worker.wait_ready(_app(url))
+        gateway.wait_ready()
+        clients = {name: httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {token}"}, timeout=90)
+                   for name, token in tokens.items()}
+        yield {"root": root, "gateway": gateway, "clients": clients, "url": url}
+        for client in clients.values():
+            client.close()
+    finally:
+        for process in (gateway, worker):
+            if process is not None:
+                process.stop()
+        flush(url)
+
+
+def make_job(fleet, name: str, **changes) -> dict:
+    job_path, _, _ = write_case_job(CASE, fleet["root"] / name)
+    job = json.loads(job_path.read_text())
+    job["job_id"] = f"{name}-{time.time_ns()}"
+    job.update(changes)
+    return job
+
+
+def idle(job: dict, model: str) -> dict:
+    """The job sent to a model no worker serves: it stays queued."""
+    job["base_sampler"]["model"] = job["mask_sampler"]["model"] = model
+    return job
+
+
+def test_submit_then_wait_for_the_result(fleet):
+    a = fleet["clients"]["a"]
+    job = make_job(fleet, "http-ok")
+    created = a.post("/v1/jobs", json=job)
+    assert created.status_code == 201, created.text
+    assert created.headers["location"] == f"/v1/jobs/{job['job_id']}"
+    assert created.json()["state"] in ("queued", "running") and created.json()["links"]["events"].endswith("/events")
+    done = a.get(created.headers["location"], headers={"Prefer": "wait=60"})
+    assert done.status_code == 200 and done.headers["preference-applied"] == "wait=60"
+    body = done.json()
+    assert body["state"] == "succeeded" and body["result"]["shape"] == [1, 4, 32, 32] and body["submitted_at"] > 0
+    # The same document again is the same job; another one under this id is a conflict.
+    again = a.post("/v1/jobs", json=job)
+    assert again.status_code == 200 and again.json()["result"]["sha256"] == body["result"]["sha256"]
+    other = dict(job, seed=job["seed"] + 1)
+    conflict = a.post("/v1/jobs", json=other)
+    assert conflict.status_code == 409 and "job_id" in conflict.json()["error"]["message"]
+
+
+def test_put_is_idempotent_and_prefer_wait_answers_with_the_finished_job(fleet):
+    a = fleet["clients"]["a"]
+    job = make_job(fleet, "http-put")
+    job_id = job.pop("job_id")
+    first = a.put(f"/v1/jobs/{job_id}", json=job, headers={"Prefer": "wait=60"})
+    assert first.status_code == 201 and first.json()["state"] == "succeeded", first.text
+    second = a.put(f"/v1/jobs/{job_id}", json=job)
+    assert second.status_code == 200 and second.json()["result"] == first.json()["result"]
+    mismatch = a.put(f"/v1/jobs/{job_id}-other", json=dict(job, job_id=job_id))
+    assert mismatch.status_code == 422 and mismatch.json()["error"]["message"].startswith("job_id:")
+
+
+def test_prefer_wait_that_passes_answers_202_with_the_job_as_it_stands(fleet):
+    a = fleet["clients"]["a"]
+    job = idle(make_job(fleet, "http-202"), "idle-wait")
+    started = time.monotonic()
+    answer = a.post("/v1/jobs", json=job, headers={"Prefer": "wait=1"})
+    assert answer.status_code == 202 and answer.json()["state"] == "queued"
+    assert time.monotonic() - started >= 1
+    assert a.post(f"/v1/jobs/{job['job_id']}/cancel").json()["cancelled"] == "queued"
+
+
+def test_cancel_queued_and_running(fleet):
+    a = fleet["clients"]["a"]
+    queued = idle(make_job(fleet, "http-cancel-queued"), "idle-cancel")
+    assert a.post("/v1/jobs", json=queued).status_code == 201
+    answer = a.post(f"/v1/jobs/{queued['job_id']}/cancel")
+    assert answer.status_code == 200 and answer.json()["cancelled"] == "queued"
+    assert answer.json()["state"] == "cancelled"
+
+    running = make_job(fleet, "http-cancel-running", steps=2000)
+    assert a.post("/v1/jobs", json=running).status_code == 201
+    seen = wait_for(lambda: (v := a.get(f"/v1/jobs/{running['job_id']}").json())["state"] == "running"
+                    and v.get("progress") and v, 60, "the long job running", poll=0.1)
+    assert seen["progress"]["total"] == 2000
+    answer = a.post(f"/v1/jobs/{running['job_id']}/cancel")
+    assert answer.status_code == 200 and answer.json()["cancelled"] == "running"
+    wait_for(lambda: a.get(f"/v1/jobs/{running['job_id']}").json()["state"] == "cancelled", 60, "cancelled")
+    again = a.post(f"/v1/jobs/{running['job_id']}/cancel")
+    assert again.status_code == 409 and "already cancelled" in again.json()["error"]["message"]
+    assert a.post("/v1/jobs/never-submitted/cancel").status_code == 404
+
+
+def test_a_full_queue_answers_429_with_retry_after(fleet):
+    a = fleet["clients"]["a"]
+    for i in range(MAX_QUEUE_DEPTH):
+        assert a.post("/v1/jobs", json=idle(make_job(fleet, f"http-fill-{i}"), "idle-full")).status_code == 201
+    full = a.post("/v1/jobs", json=idle(make_job(fleet, "http-over"), "idle-full"))
+    assert full.status_code == 429 and int(full.headers["retry-after"]) > 0
+    assert "MASKFLEET_MAX_QUEUE_DEPTH=2" in full.json()["error"]["message"]
+    assert a.get("/v1/jobs/" + "http-over").status_code == 404  # nothing was recorded for it
+    # Other queues still take jobs.
+    other = idle(make_job(fleet, "http-other-queue"), "idle-other")
+    assert a.post("/v1/jobs", json=other).status_code == 201
+
+
+def test_bad_requests_name_the_problem(fleet):
+    a = fleet["clients"]["a"]
+    job = make_job(fleet, "http-bad")
+    cases = [
+        (a.post("/v1/jobs", json=dict(job, steps=0)), 422, "steps: "),
+        (a.post("/v1/jobs", json=dict(job, colour="red")), 422, "colour: "),
+        (a.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}), 422, "Invalid JSON"),
+        (a.post("/v1/jobs", content=json.dumps(job), headers={"content-type": "text/plain"}), 415, "content-type"),
+        (a.post("/v1/jobs", content=b"[" + b"0," * (1 << 20) + b"0]", headers={"content-type": "application/json"}),
+         413, "cap"),
+        (a.get("/v1/jobs/no%20spaces"), 422, "job_id: "),
+        (a.get("/v1/jobs/never-submitted"), 404, "never-submitted"),
+    ]
+    for response, status, words in cases:
+        assert response.status_code == status, (status, response.text)
+        assert words in response.json()["error"]["message"], response.text
+    # The worker finds what the client cannot: FAILED with the field through HTTP.
+    missing = dict(job, base_sampler=dict(job["base_sampler"], positive=job["base_sampler"]["positive"] + ".gone"))
+    assert a.post("/v1/jobs", json=missing).status_code == 201
+    failed = a.get(f"/v1/jobs/{job['job_id']}", headers={"Prefer": "wait=60"}).json()
+    assert failed["state"] == "failed" and failed["error"]["type"] == "InvalidJob"
+    assert failed["error"]["message"].startswith("base_sampler.positive")
+
+
+def test_keys_and_scopes(fleet):
+    clients = fleet["clients"]
+    job = idle(make_job(fleet, "http-keys"), "idle-keys")
+    gateway = fleet["gateway"].url
+    assert httpx.post(gateway + "/v1/jobs", json=job).status_code == 401  # no key
+    forged = httpx.post(gateway + "/v1/jobs", json=job, headers={"Authorization": "Bearer mf_forged"})
+    assert forged.status_code == 401 and forged.headers["www-authenticate"] == "Bearer"
+    assert clients["reader"].post("/v1/jobs", json=job).status_code == 403  # read scope only
+    assert clients["a"].post("/v1/jobs", json=job).status_code == 201
+    path = f"/v1/jobs/{job['job_id']}"
+    assert clients["b"].get(path).status_code == 404  # another key's job does not exist for b
+    assert clients["b"].post(path + "/cancel").status_code == 404
+    assert clients["b"].post("/v1/jobs", json=job).status_code == 409  # nor can b take its id
+    assert clients["reader"].get(path).status_code == 404
+    assert clients["ops"].get(path).json()["state"] == "queued"  # admin sees every job
+    assert clients["ops"].post(path + "/cancel").json()["cancelled"] == "queued"
+    assert fleet["gateway"].log.read_text().count("mf_") == 0  # keys never logged
+
+
+def test_health_readiness_and_openapi(fleet):
+    gateway = fleet["gateway"].url
+    assert httpx.get(gateway + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(gateway + "/readyz").json() == {"redis": "ok"}
+    spec = httpx.get(gateway + "/openapi.json").json()
+    assert spec["openapi"].startswith("3.1")
+    job_schema = spec["components"]["schemas"]["Job"]
+    assert {"seed", "steps", "base_sampler", "mask_sampler"} <= set(job_schema["properties"])
+    assert spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Job"}
+    assert httpx.get(gateway + "/docs").status_code == 200
+
+
+def test_the_gateway_refuses_to_start_without_keys_and_no_auth_binds_loopback_only(tmp_path):
+    env = {**os.environ, "MASKFLEET_BROKER_URL": "redis://127.0.0.1:1/0"}
+    env.pop("MASKFLEET_API_KEYS_FILE", None)
+    no_keys = subprocess.run([sys.executable, "-m", "maskfleet.cli", "gateway", "--port", str(free_port())],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert no_keys.returncode == 2 and "MASKFLEET_API_KEYS_FILE" in no_keys.stderr
+    public = subprocess.run([sys.executable, "-m", "maskfleet.cli", "gateway", "--insecure-no-auth", "--host", "0.0.0.0"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert public.returncode == 2 and "loopback only" in public.stderr
+    (tmp_path / "keys.json").write_text(json.dumps([{"name": "x", "sha256": "abc", "scopes": ["read"]}]))
+    bad_file = subprocess.run([sys.executable, "-m", "maskfleet.cli", "gateway"], capture_output=True, text=True,
+                              env={**env, "MASKFLEET_API_KEYS_FILE": str(tmp_path / "keys.json")}, timeout=60)
+    assert bad_file.returncode == 2 and "entry 0.sha256" in bad_file.stderr
+
+
+def test_the_gateway_imports_no_engine():
+    probe = ("import sys, maskfleet.gateway.app\n"
+             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy', 'safetensors') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]"
