@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
@@ -21,6 +22,7 @@ from ..settings import Settings, load_settings
 from .api_keys import NO_AUTH, ApiKey, find_key, load_keys
 from .errors import ApiError, install_error_handlers
 from .job_desk import JobDesk
+from .job_events import JobEvents
 from .job_views import FINISHED, JOBS_PATH, JobView
 
 PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.I)
@@ -41,6 +43,7 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
     else:
         keys = load_keys(settings.api_keys_file)
     desk = JobDesk(settings)
+    events = JobEvents(settings.result_backend, lambda job_id: desk.app.backend.get_key_for_task(job_id).decode())
     app = FastAPI(title="maskfleet", version=__version__, description="Submit, watch and cancel maskfleet jobs.")
     install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="An API key: Authorization: Bearer <key>")
@@ -110,6 +113,22 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
         _check_id(job_id)
         was, view = await run_in_threadpool(desk.cancel, job_id, key)
         return CancelView(**view.model_dump(), cancelled=was)
+
+    @app.get(JOBS_PATH + "/{job_id}/events", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "queued, started, progress, then succeeded, failed or cancelled"}})
+    async def job_events(job_id: str, key: ApiKey = caller("read"),
+                         last_event_id: str | None = Header(None, description="resume after this event")):
+        """The job's events as Server-Sent Events, ending with its terminal event (sent at once if it has ended)."""
+        _check_id(job_id)
+        await run_in_threadpool(desk.view, job_id, key)  # 404 before the stream starts
+
+        async def read() -> JobView:
+            return await run_in_threadpool(desk.view, job_id, key)
+
+        last = int(last_event_id) if last_event_id is not None and last_event_id.isdigit() else -1
+        return StreamingResponse(events.follow(read, job_id, last), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -256,3 +256,58 @@ def test_the_gateway_imports_no_engine():
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "[]"
+
+
+def sse_events(response: httpx.Response, stop=lambda event: False):
+    """(id, event, data) of each Server-Sent Event in the stream, until it ends or `stop(event)` says so."""
+    event: dict = {}
+    for line in response.iter_lines():
+        if line.startswith(":"):
+            continue
+        if line:
+            field, _, value = line.partition(": ")
+            event[field] = value
+            continue
+        if event:
+            parsed = (int(event["id"]), event["event"], json.loads(event["data"]))
+            yield parsed
+            if stop(parsed):
+                return
+        event = {}
+
+
+def test_events_follow_a_job_to_its_end(fleet):
+    a = fleet["clients"]["a"]
+    job = make_job(fleet, "http-events")
+    assert a.post("/v1/jobs", json=job).status_code == 201
+    with a.stream("GET", f"/v1/jobs/{job['job_id']}/events") as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = list(sse_events(response))
+    ids = [i for i, _, _ in events]
+    assert ids == sorted(set(ids)), ids  # each event newer than the last
+    kinds = [kind for _, kind, _ in events]
+    assert kinds[-1] == "succeeded" and set(kinds[:-1]) <= {"queued", "started", "progress"}, kinds
+    progress = [data["progress"] for _, kind, data in events if kind == "progress"]
+    assert progress and all(p["total"] == 6 for p in progress)
+    assert events[-1][2]["result"]["sha256"]
+    # The job has ended: a new stream sends the terminal event at once, and ends.
+    with a.stream("GET", f"/v1/jobs/{job['job_id']}/events") as response:
+        assert [(i, kind) for i, kind, _ in sse_events(response)] == [(events[-1][0], "succeeded")]
+
+
+def test_events_resume_after_last_event_id_and_end_with_the_cancellation(fleet):
+    a = fleet["clients"]["a"]
+    job = make_job(fleet, "http-resume", steps=2000)
+    assert a.post("/v1/jobs", json=job).status_code == 201
+    path = f"/v1/jobs/{job['job_id']}/events"
+    with a.stream("GET", path) as response:
+        seen = list(sse_events(response, stop=lambda e: e[1] == "progress" and e[2]["progress"]["step"] >= 2))
+    last = seen[-1][0]
+    with a.stream("GET", path, headers={"Last-Event-ID": str(last)}) as response:
+        resumed = sse_events(response)
+        first = next(resumed)
+        assert first[0] > last and first[1] == "progress"  # nothing older than what the client had
+        assert a.post(f"/v1/jobs/{job['job_id']}/cancel").json()["cancelled"] == "running"
+        rest = list(resumed)
+    assert rest[-1][1] == "cancelled" and rest[-1][2]["state"] == "cancelled"
+    assert fleet["clients"]["b"].get(path).status_code == 404  # another key's job has no events either
