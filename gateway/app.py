@@ -24,6 +24,7 @@ from .errors import ApiError, install_error_handlers
 from .job_desk import JobDesk
 from .job_events import JobEvents
 from .job_views import FINISHED, JOBS_PATH, JobView
+from .presigned import UploadRequest, Uploads, presign_outputs, presign_uploads
 
 PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.I)
 
@@ -101,11 +102,22 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
         return await answer(created, view, request, response, key)
 
     @app.get(JOBS_PATH + "/{job_id}", response_model=JobView)
-    async def get_job(job_id: str, request: Request, response: Response, key: ApiKey = caller("read")) -> JobView:
-        """The job's state; with `Prefer: wait=N`, once it ends (or 202 after N seconds)."""
+    async def get_job(job_id: str, request: Request, response: Response, key: ApiKey = caller("read"),
+                      presign: bool = False) -> JobView:
+        """The job's state; with `Prefer: wait=N`, once it ends (or 202 after N seconds); with `presign=true`,
+        presigned GET URLs of its outputs on S3 once it succeeded."""
         _check_id(job_id)
         view = await run_in_threadpool(desk.view, job_id, key)
-        return await answer(False, view, request, response, key)
+        view = await answer(False, view, request, response, key)
+        if presign and view.result is not None:
+            downloads = await run_in_threadpool(presign_outputs, view.result, settings.presign_seconds)
+            view = view.model_copy(update={"downloads": downloads})
+        return view
+
+    @app.post("/v1/uploads", response_model=Uploads, status_code=201)
+    async def uploads(body: UploadRequest, key: ApiKey = caller("submit")) -> Uploads:
+        """Presigned PUT URLs for a job's input files, and the s3:// URIs to name them by in the job."""
+        return await run_in_threadpool(presign_uploads, body, settings.upload_prefix, key.name, settings.presign_seconds)
 
     @app.post(JOBS_PATH + "/{job_id}/cancel", response_model=CancelView)
     async def cancel_job(job_id: str, key: ApiKey = caller("cancel")) -> CancelView:

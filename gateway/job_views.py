@@ -47,6 +47,7 @@ class JobView(BaseModel):
     result: dict[str, Any] | None = Field(None, description="A succeeded job's result: output URIs, sha256, shape, timings.")
     error: JobError | None = None
     submitted_at: float | None = Field(None, description="Unix time the job was submitted (null for jobs sent by other means).")
+    downloads: dict[str, str] | None = Field(None, description="With ?presign=true: presigned GET URLs of the outputs on S3, by field.")
     links: Links
 
 

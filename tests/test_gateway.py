@@ -1,15 +1,18 @@
 """The HTTP gateway end to end: a real `maskfleet gateway` (uvicorn) process, the run's Redis, a real
 worker, requests over HTTP with httpx.
 
-Four API keys: two submitters (a, b: submit, read, cancel), a reader and an admin. Jobs
+The worker and the gateway use the moto S3 server (tests/s3_server.py) for uploads and
+outputs. Four API keys: two submitters (a, b: submit, read, cancel), a reader and an admin. Jobs
 for the model `tiny` run on the worker; jobs for models no worker serves (`idle-*`) stay
 queued, which is how queued jobs, cancelling them and a full queue (the gateway runs with
 MASKFLEET_MAX_QUEUE_DEPTH=2) are tested.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -62,9 +65,10 @@ class Gateway:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
+def fleet(tmp_path_factory, s3_server):
     root = tmp_path_factory.mktemp("gateway")
     url = claim_db_url()
+    bucket = s3_server.make_bucket()
     tokens, entries = {}, []
     for name, scopes in (("a", "submit,read,cancel"), ("b", "submit,read,cancel"), ("reader", "read"), ("ops", "admin")):
         tokens[name], entry = new_key(name, scopes.split(","))
@@ -75,12 +79,14 @@ def fleet(tmp_path_factory):
         worker = Worker("gateway", [model_queue("tiny")], url, make_models_dir(root), root / "worker.log")
         gateway = Gateway(free_port(), {"MASKFLEET_BROKER_URL": url, "MASKFLEET_RESULT_BACKEND": url,
                                         "MASKFLEET_API_KEYS_FILE": str(root / "keys.jsonl"),
-                                        "MASKFLEET_MAX_QUEUE_DEPTH": str(MAX_QUEUE_DEPTH)}, root / "gateway.log")
+                                        "MASKFLEET_MAX_QUEUE_DEPTH": str(MAX_QUEUE_DEPTH),
+                                        "MASKFLEET_UPLOAD_PREFIX": f"s3://{bucket}/uploads"}, root / "gateway.log")
         worker.wait_ready(_app(url))
         gateway.wait_ready()
         clients = {name: httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {token}"}, timeout=90)
                    for name, token in tokens.items()}
-        yield {"root": root, "gateway": gateway, "clients": clients, "url": url}
+        yield {"root": root, "gateway": gateway, "clients": clients, "url": url, "tokens": tokens, "bucket": bucket,
+               "s3": s3_server}
         for client in clients.values():
             client.close()
     finally:
@@ -311,3 +317,53 @@ def test_events_resume_after_last_event_id_and_end_with_the_cancellation(fleet):
         rest = list(resumed)
     assert rest[-1][1] == "cancelled" and rest[-1][2]["state"] == "cancelled"
     assert fleet["clients"]["b"].get(path).status_code == 404  # another key's job has no events either
+
+
+# A producer no one here wrote: curl and jq, from the upload to the downloaded output.
+CURL_PRODUCER = r"""
+set -euo pipefail
+auth="Authorization: Bearer $KEY"
+files='["in.latent", "mask.safetensors", "pos_base.safetensors", "neg_base.safetensors", "pos_mask.safetensors", "neg_mask.safetensors"]'
+uploads=$(curl -sf -X POST "$GATEWAY/v1/uploads" -H "$auth" -H 'Content-Type: application/json' -d "{\"files\": $files}")
+for name in $(echo "$files" | jq -r '.[]'); do
+  curl -sf -X PUT --upload-file "$name" "$(echo "$uploads" | jq -r --arg n "$name" '.files[] | select(.name == $n) | .put_url')"
+done
+job=$(jq --argjson up "$uploads" --arg out "$OUTPUT" '
+  def uri(n): $up.files[] | select(.name == n) | .uri;
+  .latent = uri("in.latent") | .mask = uri("mask.safetensors") | .output = $out | del(.job_id)
+  | .base_sampler.positive = uri("pos_base.safetensors") | .base_sampler.negative = uri("neg_base.safetensors")
+  | .mask_sampler.positive = uri("pos_mask.safetensors") | .mask_sampler.negative = uri("neg_mask.safetensors")' job.json)
+id=$(curl -sf -X POST "$GATEWAY/v1/jobs" -H "$auth" -H 'Content-Type: application/json' -d "$job" | jq -r .id)
+curl -sfN -H "$auth" "$GATEWAY/v1/jobs/$id/events" > events.txt
+curl -sf -H "$auth" "$GATEWAY/v1/jobs/$id?presign=true" > job-done.json
+curl -sf -o out.latent "$(jq -r .downloads.output job-done.json)"
+"""
+
+
+@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("jq")), reason="the producer script needs curl and jq")
+def test_a_curl_producer_uploads_submits_follows_and_downloads(fleet):
+    work = fleet["root"] / "curl-producer"
+    write_case_job(CASE, work)
+    env = {**os.environ, "KEY": fleet["tokens"]["a"], "GATEWAY": fleet["gateway"].url,
+           "OUTPUT": f"s3://{fleet['bucket']}/outputs/curl.latent"}
+    script = subprocess.run(["bash", "-c", CURL_PRODUCER], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert script.returncode == 0, script.stderr
+    events = (work / "events.txt").read_text()
+    assert "event: started" in events or "event: progress" in events
+    assert events.rstrip().split("\n")[-2] == "event: succeeded"  # the last event, then the stream ended
+    done = json.loads((work / "job-done.json").read_text())
+    assert done["state"] == "succeeded" and done["result"]["output"] == env["OUTPUT"]
+    downloaded = (work / "out.latent").read_bytes()
+    assert hashlib.sha256(downloaded).hexdigest() == done["result"]["sha256"]
+    # The uploads sit under the prefix, in the key's own folder.
+    keys = [o["Key"] for o in fleet["s3"].client.list_objects_v2(Bucket=fleet["bucket"], Prefix="uploads/a/")["Contents"]]
+    assert len(keys) == 6
+
+
+def test_uploads_refuse_names_that_are_not_plain_files(fleet):
+    a = fleet["clients"]["a"]
+    for files, words in (([], "files: "), (["../x.latent"], "plain file name"), (["x.exe"], "must end with"),
+                         (["a.png", "a.png"], "unique")):
+        answer = a.post("/v1/uploads", json={"files": files})
+        assert answer.status_code == 422 and words in answer.json()["error"]["message"], answer.text
+    assert fleet["clients"]["reader"].post("/v1/uploads", json={"files": ["a.png"]}).status_code == 403
