@@ -21,6 +21,7 @@ from ..names import JOB_ID_PATTERN
 from ..settings import Settings, load_settings
 from .api_keys import NO_AUTH, ApiKey, find_key, load_keys
 from .errors import ApiError, install_error_handlers
+from .http_metrics import install_metrics
 from .job_desk import JobDesk
 from .job_events import JobEvents
 from .job_views import FINISHED, JOBS_PATH, JobView
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
     events = JobEvents(settings.result_backend, lambda job_id: desk.app.backend.get_key_for_task(job_id).decode())
     app = FastAPI(title="maskfleet", version=__version__, description="Submit, watch and cancel maskfleet jobs.")
     install_error_handlers(app)
+    install_metrics(app, lambda: events.following)
     bearer = HTTPBearer(auto_error=False, description="An API key: Authorization: Bearer <key>")
 
     def caller(scope: str):

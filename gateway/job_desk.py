@@ -79,14 +79,26 @@ class JobDesk:
         return before.state, self.view(job_id, key)
 
     def ready(self) -> dict[str, Any]:
-        """What /readyz checks: the broker's Redis answers (the result backend is the same one unless set apart)."""
+        """What /readyz checks: the broker's Redis answers (and the result backend's, when set apart); with uploads
+        on, their bucket answers too."""
         try:
             self.broker.ping()
             if self.backend != self.settings.broker_url:
                 redis.Redis.from_url(self.backend).ping()
         except redis.RedisError as e:
             raise ApiError(503, "NotReady", f"Redis does not answer: {e}") from None
-        return {"redis": "ok"}
+        if self.settings.upload_prefix is None:
+            return {"redis": "ok"}
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from ..storage.s3_client import get_s3_client, parse_s3_uri
+
+        bucket, _ = parse_s3_uri(self.settings.upload_prefix.rstrip("/") + "/x", "MASKFLEET_UPLOAD_PREFIX")
+        try:
+            get_s3_client().head_bucket(Bucket=bucket)
+        except (BotoCoreError, ClientError) as e:
+            raise ApiError(503, "NotReady", f"the upload bucket {bucket!r} does not answer: {e}") from None
+        return {"redis": "ok", "store": "ok"}
 
     def _repeat(self, job: Job, record: dict, key: ApiKey) -> JobView:
         if not self._visible(record, key) or record.get("digest") not in (None, job_digest(job)):

@@ -231,7 +231,7 @@ def test_keys_and_scopes(fleet):
 def test_health_readiness_and_openapi(fleet):
     gateway = fleet["gateway"].url
     assert httpx.get(gateway + "/healthz").json() == {"status": "ok"}
-    assert httpx.get(gateway + "/readyz").json() == {"redis": "ok"}
+    assert httpx.get(gateway + "/readyz").json() == {"redis": "ok", "store": "ok"}
     spec = httpx.get(gateway + "/openapi.json").json()
     assert spec["openapi"].startswith("3.1")
     job_schema = spec["components"]["schemas"]["Job"]
@@ -367,3 +367,19 @@ def test_uploads_refuse_names_that_are_not_plain_files(fleet):
         answer = a.post("/v1/uploads", json={"files": files})
         assert answer.status_code == 422 and words in answer.json()["error"]["message"], answer.text
     assert fleet["clients"]["reader"].post("/v1/uploads", json={"files": ["a.png"]}).status_code == 403
+
+
+def test_metrics_count_requests_by_route_and_status(fleet):
+    a = fleet["clients"]["a"]
+    before = httpx.get(fleet["gateway"].url + "/metrics").text
+    assert a.get("/v1/jobs/never-submitted-metrics").status_code == 404
+    text = httpx.get(fleet["gateway"].url + "/metrics").text
+    line = 'maskfleet_gateway_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"}'
+    count = {t.split(" ")[0]: float(t.split(" ")[1]) for t in text.splitlines() if t.startswith(line)}
+    was = {t.split(" ")[0]: float(t.split(" ")[1]) for t in before.splitlines() if t.startswith(line)}
+    assert count[line] == was.get(line, 0) + 1
+    assert "never-submitted-metrics" not in text  # routes by template, not path
+    assert "maskfleet_gateway_request_seconds_bucket" in text
+    # Streams the earlier tests closed (one by the client, mid-stream) are no longer followed.
+    wait_for(lambda: "maskfleet_gateway_sse_clients 0.0" in httpx.get(fleet["gateway"].url + "/metrics").text, 30,
+             "no event stream open")
