@@ -25,9 +25,9 @@ KNOWN_ENV = {
     "MASKFLEET_MODELS", "MASKFLEET_MODEL_CACHE", "MASKFLEET_DEVICE", "MASKFLEET_DTYPE", "MASKFLEET_WEBHOOK_SECRET",
     "MASKFLEET_S3_ADDRESSING_STYLE", "MASKFLEET_CALLBACK_ALLOWLIST", "MASKFLEET_LEASE_SECONDS", "MASKFLEET_MAX_DELIVERIES",
     "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-    "FLOWER_BASIC_AUTH", "FLOWER_TASK_RUNTIME_METRIC_BUCKETS",
+    "FLOWER_BASIC_AUTH", "FLOWER_TASK_RUNTIME_METRIC_BUCKETS", "MASKFLEET_API_KEYS_FILE", "MASKFLEET_MAX_QUEUE_DEPTH",
 }
-SOURCE_DIRS = ["maskfleet", "tasks", "worker", "storage", "sampling"]
+SOURCE_DIRS = ["maskfleet", "tasks", "worker", "storage", "sampling", "gateway"]
 
 YAML_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yml", ".yaml"))
 
@@ -136,7 +136,7 @@ def test_env_names_are_read_by_our_code():
 
     used = set(find("ConfigMap", "maskfleet-config")["data"]) | set(find("Secret", "maskfleet-secrets")["stringData"])
     services = compose()["services"]
-    for svc in ("worker", "flower"):
+    for svc in ("worker", "flower", "gateway"):
         used |= set(services[svc]["environment"])
     example = (DEPLOY / "worker.env.example").read_text()
     used |= set(re.findall(r"^([A-Z0-9_]+)=", example, re.M))
@@ -275,7 +275,7 @@ def test_dockerfile_user_check_catches_root(monkeypatch, tmp_path):
         dockerfile_user()
 
 
-@pytest.mark.parametrize("name", ["maskfleet-worker", "maskfleet-flower", "maskfleet-queue-depth"])
+@pytest.mark.parametrize("name", ["maskfleet-worker", "maskfleet-flower", "maskfleet-queue-depth", "maskfleet-gateway"])
 def test_pods_run_unprivileged(name):
     """Non-root as the image's uid, no privilege escalation, no capabilities, read-only root filesystem."""
     uid, gid = dockerfile_user()
@@ -289,9 +289,11 @@ def test_pods_run_unprivileged(name):
         assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
         assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
         assert "privileged" not in sc and sc.get("runAsUser", uid) == uid
-        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
         assert "/tmp" in mounts
-        assert all("emptyDir" in volumes[v] for v in mounts.values())  # the writable places, and only those
+        for mount in mounts.values():  # the writable places are emptyDirs; a Secret is mounted read-only
+            volume = volumes[mount["name"]]
+            assert "emptyDir" in volume or ("secret" in volume and mount.get("readOnly") is True), mount
 
 
 def test_worker_writes_only_to_mounted_volumes():
@@ -331,3 +333,52 @@ def test_compose_services_drop_privileges():
         assert svc["image"] == "maskfleet-worker:latest"  # the non-root image
         assert "user" not in svc and not svc.get("privileged", False)
         assert "no-new-privileges:true" in svc["security_opt"] and svc["cap_drop"] == ["ALL"]
+
+
+# --- the HTTP gateway ---
+
+def gateway_container() -> dict:
+    (container,) = find("Deployment", "maskfleet-gateway")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_gateway_image_is_small_and_runs_as_the_workers_user():
+    text = (DEPLOY / "Dockerfile.gateway").read_text()
+    assert re.search(r"^FROM python:\S+-slim$", text, re.M) and not re.search(r"^RUN .*torch", text, re.M)
+    assert 'pip install "/src[gateway]"' in text
+    assert re.search(r"^USER (\S+)", text, re.M)[1] == "%d:%d" % dockerfile_user()
+    assert not re.search(r"(SECRET|PASSWORD|ACCESS_KEY)\S*=", text)
+    ignored = (DEPLOY / "Dockerfile.gateway.dockerignore").read_text().split()
+    assert "deploy/gateway-keys.jsonl" in ignored and ".git" in ignored
+
+
+def test_gateway_port_probes_and_keys_agree():
+    from maskfleet.gateway.app import create_app
+    from maskfleet.settings import Settings
+
+    routes = {getattr(r, "path", None) for r in create_app(Settings(), insecure_no_auth=True).routes}
+    container = gateway_container()
+    port = int(container["args"][container["args"].index("--port") + 1])
+    assert [p["containerPort"] for p in container["ports"]] == [port]
+    assert [p["targetPort"] for p in find("Service", "maskfleet-gateway")["spec"]["ports"]] == [port]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == port and container[probe]["httpGet"]["path"] in routes
+    assert {"/readyz", "/healthz", "/metrics"} <= routes
+    dockerfile = (DEPLOY / "Dockerfile.gateway").read_text()
+    assert f'"--port", "{port}"' in dockerfile and f"EXPOSE {port}" in dockerfile
+    assert compose()["services"]["gateway"]["ports"] == [f"{port}:{port}"]
+    # The key file the gateway reads is the Secret's file, mounted read-only.
+    env = {e["name"]: e for e in container["env"]}
+    keys_path = Path(env["MASKFLEET_API_KEYS_FILE"]["value"])
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "api-keys"]
+    assert keys_path.parent == Path(mount["mountPath"]) and mount["readOnly"] is True
+    volumes = {v["name"]: v for v in find("Deployment", "maskfleet-gateway")["spec"]["template"]["spec"]["volumes"]}
+    secret = find("Secret", volumes["api-keys"]["secret"]["secretName"])
+    assert keys_path.name in secret["stringData"]
+
+
+def test_gateway_autoscales_its_deployment():
+    hpa = find("HorizontalPodAutoscaler", "maskfleet-gateway")["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "maskfleet-gateway"}
+    assert hpa["minReplicas"] >= 2 and hpa["maxReplicas"] > hpa["minReplicas"]
+    assert [m["type"] for m in hpa["metrics"]] == ["Pods", "Resource"]
