@@ -74,7 +74,8 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
         seconds = _prefer_wait(request, settings.max_wait_seconds)
         if seconds is not None:
             if view.state not in FINISHED:
-                view = await run_in_threadpool(desk.wait, view.id, key, seconds)
+                job_id = view.id
+                view = await events.wait(lambda: run_in_threadpool(desk.view, job_id, key), job_id, seconds)
             response.headers["Preference-Applied"] = f"wait={seconds}"
             if view.state not in FINISHED:
                 response.status_code = 202

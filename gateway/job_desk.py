@@ -1,5 +1,5 @@
 """What the gateway does with jobs, in the producer client's terms (maskfleet/client.py): submit, look up,
-wait, cancel; who may see which job; when a queue is too full to take more.
+cancel; who may see which job; when a queue is too full to take more (waiting is job_events.py's).
 
 Blocking calls (Redis, the result backend): the routes run them in Starlette's thread pool.
 A job is visible to the key that submitted it (the `owner` in its submission record) and to
@@ -8,7 +8,6 @@ sent by other means (no record, or no owner) are visible to admin keys only.
 """
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
@@ -25,7 +24,6 @@ from .errors import ApiError
 from .job_views import FINISHED, JobView, job_view
 
 RETRY_AFTER_SECONDS = 10  # what a 429 asks a producer to wait before trying again
-WAIT_POLL_SECONDS = 0.1
 
 
 class JobDesk:
@@ -57,15 +55,6 @@ class JobDesk:
         if not self._visible(record, key) or (record is None and status["state"] == "PENDING"):
             raise ApiError(404, "NotFound", f"no job {job_id!r}")
         return job_view(status, record)
-
-    def wait(self, job_id: str, key: ApiKey, seconds: float) -> JobView:
-        """The job once finished, or as it stands after `seconds`."""
-        deadline = time.monotonic() + seconds
-        while True:
-            view = self.view(job_id, key)
-            if view.state in FINISHED or time.monotonic() >= deadline:
-                return view
-            time.sleep(WAIT_POLL_SECONDS)
 
     def cancel(self, job_id: str, key: ApiKey) -> tuple[str, JobView]:
         """(what it was: queued or running, the job after the request); 409 for a job that already ended."""

@@ -1,4 +1,4 @@
-"""Server-Sent Events of a job, fed by the result backend's own pub/sub, never by polling it.
+"""Server-Sent Events of a job (and `Prefer: wait`), fed by the result backend's own pub/sub, never by polling it.
 
 Celery's Redis result backend PUBLISHes every state it stores on the channel named after
 the task's key (`celery-task-meta-<id>`): STARTED, each PROGRESS update the worker sends
@@ -85,6 +85,25 @@ class JobEvents:
                     await asyncio.wait_for(woken.wait(), KEEPALIVE_SECONDS)
                 except asyncio.TimeoutError:
                     yield ": keepalive\n\n"
+                woken.clear()
+        finally:
+            await self._unwatch(job_id, woken)
+
+    async def wait(self, read: Callable[[], Awaitable[JobView]], job_id: str, seconds: float) -> JobView:
+        """The job once it has ended, or as it stands after `seconds` (`Prefer: wait`), woken like `follow`."""
+        woken = asyncio.Event()
+        await self._watch(job_id, woken)
+        try:
+            deadline = asyncio.get_running_loop().time() + seconds
+            while True:
+                view = await read()
+                left = deadline - asyncio.get_running_loop().time()
+                if view.state in FINISHED or left <= 0:
+                    return view
+                try:
+                    await asyncio.wait_for(woken.wait(), left)
+                except asyncio.TimeoutError:
+                    pass
                 woken.clear()
         finally:
             await self._unwatch(job_id, woken)
