@@ -45,7 +45,9 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
     else:
         keys = load_keys(settings.api_keys_file)
     desk = JobDesk(settings)
-    events = JobEvents(settings.result_backend, lambda job_id: desk.app.backend.get_key_for_task(job_id).decode())
+    events = JobEvents(settings.result_backend, lambda job_id: desk.app.backend.get_key_for_task(job_id).decode(),
+                       # After the route checked the caller may see the job, its followers share one read per change.
+                       lambda job_id: run_in_threadpool(desk.view, job_id, NO_AUTH))
     app = FastAPI(title="maskfleet", version=__version__, description="Submit, watch and cancel maskfleet jobs.")
     install_error_handlers(app)
     install_metrics(app, lambda: events.following)
@@ -74,8 +76,7 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
         seconds = _prefer_wait(request, settings.max_wait_seconds)
         if seconds is not None:
             if view.state not in FINISHED:
-                job_id = view.id
-                view = await events.wait(lambda: run_in_threadpool(desk.view, job_id, key), job_id, seconds)
+                view = await events.wait(view.id, seconds)
             response.headers["Preference-Applied"] = f"wait={seconds}"
             if view.state not in FINISHED:
                 response.status_code = 202
@@ -138,11 +139,8 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
         _check_id(job_id)
         await run_in_threadpool(desk.view, job_id, key)  # 404 before the stream starts
 
-        async def read() -> JobView:
-            return await run_in_threadpool(desk.view, job_id, key)
-
         last = int(last_event_id) if last_event_id is not None and last_event_id.isdigit() else -1
-        return StreamingResponse(events.follow(read, job_id, last), media_type="text/event-stream",
+        return StreamingResponse(events.follow(job_id, last), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/healthz")
