@@ -40,6 +40,7 @@ class JobDesk:
         record = submission_record(job.job_id, self.backend)
         if record is not None:
             return False, self._repeat(job, record, key)
+        self._check_storage(job)
         self._check_room(model_queue(job.base_sampler.model))
         try:
             handle = submit(job, broker_url=self.settings.broker_url, owner=key.name)
@@ -93,6 +94,16 @@ class JobDesk:
         if not self._visible(record, key) or record.get("digest") not in (None, job_digest(job)):
             raise ApiError(409, "Conflict", f"job_id: {job.job_id!r} was already submitted with a different document")
         return self.view(job.job_id, key)
+
+    def _check_storage(self, job: Job) -> None:
+        """Through HTTP, jobs name objects on S3: a local path would be a file on whichever worker takes the job."""
+        if self.settings.gateway_local_files:
+            return
+        named = {**job.input_uris(), **{f: getattr(job, f) for f in ("output", "preview", "output_image")}}
+        for field, uri in named.items():
+            if uri is not None and uri[:5].lower() != "s3://":
+                raise ApiError(422, "InvalidJob", f"{field}: {uri[:80]!r} is a local path; jobs sent to the gateway name "
+                                                  "s3:// objects (POST /v1/uploads gives upload URLs)")
 
     def _check_room(self, queue: str) -> None:
         limit = self.settings.max_queue_depth

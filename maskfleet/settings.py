@@ -63,6 +63,7 @@ class Settings(BaseModel):
     # -- HTTP gateway (`maskfleet gateway`)
     api_keys_file: str | None = Field(None, description="File of the gateway's API keys: {name, sha256 of the key, scopes} entries, one per line or as a JSON list (`maskfleet api-key` makes an entry). Required unless the gateway runs with --insecure-no-auth.")
     max_queue_depth: int | None = Field(None, ge=1, description="Jobs a model's queue may hold (waiting or running) before the gateway answers 429 with Retry-After; unset: no limit.")
+    gateway_local_files: bool = Field(False, description="Accept local paths (file:// or plain) in jobs sent to the gateway: the workers' own files, confined by their MASKFLEET_ALLOWED_ROOTS. Off: HTTP producers give s3:// URIs.")
     upload_prefix: str | None = Field(None, description="s3://bucket/prefix where the gateway's POST /v1/uploads places producers' files; unset: no uploads.")
     presign_seconds: int = Field(3600, ge=60, le=604800, description="Seconds the gateway's presigned upload and download URLs stay valid.")
     max_wait_seconds: int = Field(60, ge=0, le=600, description="The longest the gateway holds a request that asks `Prefer: wait=N`.")

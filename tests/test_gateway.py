@@ -80,6 +80,7 @@ def fleet(tmp_path_factory, s3_server):
         gateway = Gateway(free_port(), {"MASKFLEET_BROKER_URL": url, "MASKFLEET_RESULT_BACKEND": url,
                                         "MASKFLEET_API_KEYS_FILE": str(root / "keys.jsonl"),
                                         "MASKFLEET_MAX_QUEUE_DEPTH": str(MAX_QUEUE_DEPTH),
+                                        "MASKFLEET_GATEWAY_LOCAL_FILES": "1",  # the golden case's files
                                         "MASKFLEET_UPLOAD_PREFIX": f"s3://{bucket}/uploads"}, root / "gateway.log")
         worker.wait_ready(_app(url))
         gateway.wait_ready()
@@ -254,6 +255,21 @@ def test_the_gateway_refuses_to_start_without_keys_and_no_auth_binds_loopback_on
     bad_file = subprocess.run([sys.executable, "-m", "maskfleet.cli", "gateway"], capture_output=True, text=True,
                               env={**env, "MASKFLEET_API_KEYS_FILE": str(tmp_path / "keys.json")}, timeout=60)
     assert bad_file.returncode == 2 and "entry 0.sha256" in bad_file.stderr
+
+
+def test_local_paths_are_refused_unless_the_gateway_accepts_them(fleet, tmp_path):
+    """By default a job through HTTP names S3 objects only; the fleet here opted in (MASKFLEET_GATEWAY_LOCAL_FILES)."""
+    from maskfleet.gateway.job_desk import JobDesk
+    from maskfleet.gateway.api_keys import NO_AUTH
+    from maskfleet.gateway.errors import ApiError
+    from maskfleet.job import parse_job
+    from maskfleet.settings import Settings
+
+    job = parse_job(make_job(fleet, "http-local"))
+    with pytest.raises(ApiError) as refused:
+        JobDesk(Settings(broker_url=fleet["url"])).submit(job, NO_AUTH)
+    assert refused.value.status == 422 and refused.value.message.startswith("latent: ")
+    assert "s3://" in refused.value.message
 
 
 def test_the_gateway_imports_no_engine():
