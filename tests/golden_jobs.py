@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -108,4 +109,13 @@ def upload_case_inputs(client, bucket: str, work: Path, case: Path) -> dict:
     for field in ("base_sampler", "mask_sampler"):
         for kind in ("positive", "negative"):
             job[field][kind] = upload(job[field][kind])
+    return job
+
+
+def fleet_job(case_dir: Path, root: Path, name: str, **changes) -> dict:
+    """The case's job, its files under root/name, with a job_id of its own (`name`-<ns>) and `changes` applied."""
+    job_path, _, _ = write_case_job(case_dir, root / name)
+    job = json.loads(job_path.read_text())
+    job["job_id"] = f"{name}-{time.time_ns()}"
+    job.update(changes)
     return job

@@ -8,11 +8,9 @@ shows no progress: its task view and API list a fixed set of fields (docs/fleet.
 """
 from __future__ import annotations
 
-import json
-import time
 
 import pytest
-from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
+from golden_jobs import IN_REPO_GOLDEN, fleet_job, make_models_dir
 from metrics_scrape import free_port, scrape
 from webhook_receiver import SECRET, Receiver, clear_proxies
 
@@ -54,12 +52,7 @@ def fleet(tmp_path_factory):
 
 
 def make_job(fleet, name: str, **changes) -> dict:
-    job_path, _, _ = write_case_job(CASE, fleet["root"] / name)
-    job = json.loads(job_path.read_text())
-    job["job_id"] = f"{name}-{time.time_ns()}"
-    job["callback"] = {"url": fleet["hook"].url}
-    job.update(changes)
-    return job
+    return fleet_job(CASE, fleet["root"], name, callback={"url": fleet["hook"].url}, **changes)
 
 
 def progress_events(fleet, job_id: str) -> list[tuple[int, int, str]]:

@@ -7,13 +7,12 @@ allows the receiver too, and keeps the default maximum (3600 s).
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import pytest
 import redis
-from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
+from golden_jobs import IN_REPO_GOLDEN, fleet_job, make_models_dir
 from webhook_receiver import SECRET, Receiver, clear_proxies
 
 from maskfleet.client import JobFailed, _app, submit
@@ -55,12 +54,7 @@ def fleet(tmp_path_factory):
 
 
 def make_job(fleet, name: str, **changes) -> dict:
-    job_path, _, _ = write_case_job(CASE, fleet["root"] / name)
-    job = json.loads(job_path.read_text())
-    job["job_id"] = f"{name}-{time.time_ns()}"
-    job["callback"] = {"url": fleet["hook"].url}
-    job.update(changes)
-    return job
+    return fleet_job(CASE, fleet["root"], name, callback={"url": fleet["hook"].url}, **changes)
 
 
 def events(fleet, job_id: str) -> list[tuple[str, dict]]:

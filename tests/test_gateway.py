@@ -20,13 +20,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
+from golden_jobs import IN_REPO_GOLDEN, fleet_job, make_models_dir, write_case_job
 from metrics_scrape import free_port
 
 from maskfleet.client import _app
 from maskfleet.gateway.api_keys import new_key
 from maskfleet.tasks.settings import model_queue
-from fleet_workers import Worker, claim_db_url, flush, require_redis, wait_for
+from fleet_workers import Worker, claim_db_url, flush, require_redis, stop_process, wait_for
 
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"  # 6 steps
 MAX_QUEUE_DEPTH = 2
@@ -41,7 +41,8 @@ class Gateway:
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self.proc = subprocess.Popen([sys.executable, "-m", "maskfleet.cli", "gateway", "--port", str(port), *args],
-                                     env={**os.environ, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                                     env={**os.environ, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
 
     def wait_ready(self, deadline_s: float = 60) -> None:
         def up() -> bool:
@@ -55,13 +56,7 @@ class Gateway:
         wait_for(up, deadline_s, "gateway /healthz", poll=0.1)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 15)
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +93,7 @@ def fleet(tmp_path_factory, s3_server):
 
 
 def make_job(fleet, name: str, **changes) -> dict:
-    job_path, _, _ = write_case_job(CASE, fleet["root"] / name)
-    job = json.loads(job_path.read_text())
-    job["job_id"] = f"{name}-{time.time_ns()}"
-    job.update(changes)
-    return job
+    return fleet_job(CASE, fleet["root"], name, **changes)
 
 
 def idle(job: dict, model: str) -> dict:
