@@ -9,10 +9,12 @@ job ends or N seconds pass: the finished job, else 202 with the job as it stands
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
@@ -31,7 +33,8 @@ PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.I)
 
 
 class CancelView(JobView):
-    cancelled: str = "queued"
+    cancelled: Literal["queued", "running"] = Field(description="What the job was when cancelled: queued (dropped) "
+                                                                "or running (stopped at its next sampler call).")
 
 
 def create_app(settings: Settings | None = None, insecure_no_auth: bool = False) -> FastAPI:
@@ -72,7 +75,7 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
     job_body = {"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/Job"}}}}}
 
-    async def answer(created: bool, view: JobView, request: Request, response: Response, key: ApiKey) -> JobView:
+    async def answer(created: bool, view: JobView, request: Request, response: Response) -> JobView:
         seconds = _prefer_wait(request, settings.max_wait_seconds)
         if seconds is not None:
             if view.state not in FINISHED:
@@ -93,7 +96,7 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
         """Submit a job; a job_id already submitted with the same document is that job (200), with another 409."""
         job = await _read_job(request)
         created, view = await run_in_threadpool(desk.submit, job, key)
-        return await answer(created, view, request, response, key)
+        return await answer(created, view, request, response)
 
     @app.put(JOBS_PATH + "/{job_id}", response_model=JobView, status_code=201, openapi_extra=job_body)
     async def put_job(job_id: str, request: Request, response: Response, key: ApiKey = caller("submit")) -> JobView:
@@ -103,7 +106,7 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
         if job.job_id not in (None, job_id):
             raise ApiError(422, "InvalidJob", f"job_id: {job.job_id!r} in the document is not the path's {job_id!r}")
         created, view = await run_in_threadpool(desk.submit, job.model_copy(update={"job_id": job_id}), key)
-        return await answer(created, view, request, response, key)
+        return await answer(created, view, request, response)
 
     @app.get(JOBS_PATH + "/{job_id}", response_model=JobView)
     async def get_job(job_id: str, request: Request, response: Response, key: ApiKey = caller("read"),
@@ -112,7 +115,7 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
         presigned GET URLs of its outputs on S3 once it succeeded."""
         _check_id(job_id)
         view = await run_in_threadpool(desk.view, job_id, key)
-        view = await answer(False, view, request, response, key)
+        view = await answer(False, view, request, response)
         if presign and view.result is not None:
             downloads = await run_in_threadpool(presign_outputs, view.result, settings.presign_seconds)
             view = view.model_copy(update={"downloads": downloads})
@@ -150,7 +153,7 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
 
     @app.get("/readyz")
     async def readyz() -> dict:
-        """Redis answers (503 otherwise)."""
+        """Redis answers, and the upload bucket when uploads are on (503 otherwise)."""
         return await run_in_threadpool(desk.ready)
 
     _describe_job_in_openapi(app)

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from ..client import JobHandle, UnknownJob, _app, submit
+from ..client import JobHandle, UnknownJob, app_for, submit
 from ..job import Job, JobError
 from ..settings import Settings
 from ..tasks.idempotency import job_digest, submission_record
@@ -29,7 +29,7 @@ RETRY_AFTER_SECONDS = 10  # what a 429 asks a producer to wait before trying aga
 class JobDesk:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.app = _app(settings.broker_url)
+        self.app = app_for(settings)
         self.backend = self.app.conf.result_backend
         self.broker = redis.Redis.from_url(settings.broker_url)
 
@@ -43,7 +43,7 @@ class JobDesk:
         self._check_storage(job)
         self._check_room(model_queue(job.base_sampler.model))
         try:
-            handle = submit(job, broker_url=self.settings.broker_url, owner=key.name)
+            handle = submit(job, app=self.app, owner=key.name)
         except JobError as e:  # time_limit over the maximum, a callback the policy refuses
             raise ApiError(422, "InvalidJob", str(e)) from None
         if not handle.submitted:  # another request with this id won the claim meanwhile

@@ -22,7 +22,7 @@ from .tasks.app import app as default_app, configure
 from .tasks.callback_policy import check_callback_url
 from .tasks.cancellation import request_cancel
 from .tasks.idempotency import claim_submission, job_digest, was_submitted
-from .tasks.settings import TASK_NAME, check_time_limit, load_settings, soft_limit
+from .tasks.settings import TASK_NAME, Settings, check_time_limit, load_settings, soft_limit
 
 FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
 
@@ -45,7 +45,11 @@ class JobFailed(RuntimeError):
 def _app(broker_url: str | None) -> Celery:
     if broker_url is None:
         return default_app
-    settings = load_settings({"MASKFLEET_BROKER_URL": broker_url})
+    return app_for(load_settings({"MASKFLEET_BROKER_URL": broker_url}))
+
+
+def app_for(settings: Settings) -> Celery:
+    """A producer's Celery app for these settings (broker, result backend, limits)."""
     app = Celery("maskfleet-client")
     configure(app, settings)
     return app
@@ -106,11 +110,12 @@ class JobHandle:
 
 
 def submit(job: dict | str | bytes | Job, *, broker_url: str | None = None, queue: str | None = None,
-           owner: str | None = None) -> JobHandle:
+           owner: str | None = None, app: Celery | None = None) -> JobHandle:
     """Validate `job` (a dict, JSON text or a Job) locally and send it; a job_id already submitted is not sent again.
 
     The task id is the job_id when there is one. `queue` overrides the route by model.
-    `owner` (the HTTP gateway's API key name) is kept in the submission record.
+    `owner` (the HTTP gateway's API key name) is kept in the submission record; `app` (`app_for(settings)`)
+    replaces `broker_url`.
     JobError (a ValueError) names the field when the job is bad, its `time_limit` exceeds
     this environment's MASKFLEET_MAX_JOB_SECONDS, or its `callback.url` is refused by the
     callback policy (MASKFLEET_CALLBACK_ALLOWLIST here); nothing is sent then.
@@ -128,7 +133,7 @@ def submit(job: dict | str | bytes | Job, *, broker_url: str | None = None, queu
             check_callback_url(parsed.callback.url)
     except ValueError as e:
         raise JobError(str(e)) from None
-    app = _app(broker_url)
+    app = app or _app(broker_url)
     # A job without a job_id is claimed under a fresh id too: the claim is the first call to
     # Redis, so a wrong password or an unreachable Redis fails here at once and clearly
     # (Celery's own first contact retries for about 20 s, then says little).

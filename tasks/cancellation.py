@@ -2,8 +2,10 @@
 
 `maskfleet cancel` (client.JobHandle.cancel) sets `maskfleet:cancel:<task_id>` and also
 revokes the task id through Celery, so a queued job is dropped by the worker that
-receives it. A running job sees the flag at its next sampler call (the loop raises
-SamplingStopped before writing anything) and ends as REVOKED: the task stores
+receives it. A running job sees the flag at its next sampler call after the flag is read
+(read at most every CHECK_SECONDS, not once per sampler call: thousands of calls per job
+on a fast GPU would each be a Redis command) and the loop raises SamplingStopped before
+writing anything and ends as REVOKED: the task stores
 TaskRevokedError("cancelled") through the result backend and raises Ignore, so Celery
 leaves that state alone and acks the message. No output is written. Ignore sends no task
 event, so the task sends `task-revoked` itself (when events are on): Flower would
@@ -12,6 +14,7 @@ otherwise show the job STARTED for ever.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, NoReturn
 
 from celery.exceptions import Ignore
@@ -23,6 +26,7 @@ from .redis_keys import cancel_key, connection, ttl
 log = logging.getLogger(__name__)
 
 CANCELLED = "cancelled"
+CHECK_SECONDS = 0.25  # the progress updates' rate (progress.Throttle)
 
 
 def request_cancel(task_id: str, url: str | None = None) -> None:
@@ -33,9 +37,22 @@ def cancel_requested(task_id: str) -> bool:
     return bool(connection().exists(cancel_key(task_id)))
 
 
-def stop_hook(task_id: str) -> Callable[[], bool]:
-    """The loop's `should_stop`: one Redis EXISTS per sampler call."""
-    return lambda: cancel_requested(task_id)
+def stop_hook(task_id: str, min_interval: float = CHECK_SECONDS,
+              clock: Callable[[], float] = time.monotonic) -> Callable[[], bool]:
+    """The loop's `should_stop`: the cancel flag read at the first call and then at most every `min_interval` s;
+    once it is seen, true without reading again."""
+    last: float | None = None
+    requested = False
+
+    def should_stop() -> bool:
+        nonlocal last, requested
+        now = clock()
+        if not requested and (last is None or now - last >= min_interval):
+            last = now
+            requested = cancel_requested(task_id)
+        return requested
+
+    return should_stop
 
 
 def end_cancelled(task: Any) -> NoReturn:

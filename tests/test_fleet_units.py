@@ -48,6 +48,23 @@ def test_throttle_passes_first_last_and_a_few_per_interval():
     assert sent[0] == 1 and sent[-1] == 100 and len(sent) <= 6
 
 
+def test_the_cancel_flag_is_read_a_few_times_a_second_not_per_sampler_call(monkeypatch):
+    from maskfleet.tasks import cancellation
+
+    now, reads, flag = [0.0], [], [False]
+    monkeypatch.setattr(cancellation, "cancel_requested", lambda task_id: reads.append(task_id) or flag[0])
+    should_stop = cancellation.stop_hook("job", min_interval=0.25, clock=lambda: now[0])
+    for call in range(100):  # 100 sampler calls over one second
+        now[0] = call * 0.01
+        assert should_stop() is False
+    assert 1 < len(reads) <= 4  # the first call, then one per 0.25 s
+    flag[0] = True
+    now[0] += 0.25
+    assert should_stop() is True
+    read = len(reads)
+    assert should_stop() is True and len(reads) == read  # once seen, not read again
+
+
 def test_launcher_plans_one_cpu_worker_or_one_per_gpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     [cpu] = launcher.worker_specs("auto", ["q"])
