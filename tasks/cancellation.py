@@ -2,12 +2,11 @@
 
 `maskfleet cancel` (client.JobHandle.cancel) sets `maskfleet:cancel:<task_id>` and also
 revokes the task id through Celery, so a queued job is dropped by the worker that
-receives it. A running job sees the flag at its next sampler call after the flag is read
-(read at most every CHECK_SECONDS, not once per sampler call: thousands of calls per job
-on a fast GPU would each be a Redis command) and the loop raises SamplingStopped before
-writing anything and ends as REVOKED: the task stores
-TaskRevokedError("cancelled") through the result backend and raises Ignore, so Celery
-leaves that state alone and acks the message. No output is written. Ignore sends no task
+receives it. A running job reads the flag at its first sampler call and then at most every
+CHECK_SECONDS (not at every call: thousands of calls per job on a fast GPU would each be a
+Redis command); once it sees it, the loop raises SamplingStopped before writing anything
+and the job ends as REVOKED: the task stores TaskRevokedError("cancelled") through the
+result backend and raises Ignore, so Celery leaves that state alone and acks the message. No output is written. Ignore sends no task
 event, so the task sends `task-revoked` itself (when events are on): Flower would
 otherwise show the job STARTED for ever.
 """

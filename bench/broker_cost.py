@@ -1,0 +1,139 @@
+"""What the fleet costs its Redis: commands and bytes per job, and per idle worker as the fleet grows.
+
+A private redis-server (tests/redis_server.py) is the broker and result backend of real
+worker processes (`-P prefork -c 1`, started as the tests start them). Counted from
+`INFO commandstats` and `INFO stats` deltas (commands by name, bytes in and out), so the
+counting itself adds one INFO call per reading and nothing else.
+
+(a) Per job: --jobs jobs of golden case c03 at --steps steps, submitted one after another
+through the client and waited for (the client's own polls of the result key are counted here and
+subtracted); commands per job by name, and
+bytes written to Redis per job.
+(b) Idle: 1, 2, 4 and --max-workers workers started together, then --idle-seconds of
+nothing; commands/s and bytes out/s per worker, and the growth law fitted on bytes out
+(bytes_out ~ workers^k).
+
+    python bench/broker_cost.py [--jobs 5] [--steps 20] [--idle-seconds 20] [--max-workers 8]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from fleet_workers import Worker  # noqa: E402
+from golden_jobs import fleet_job, make_models_dir  # noqa: E402
+from redis_server import RedisServer  # noqa: E402
+
+from maskfleet.client import _app, submit  # noqa: E402
+from maskfleet.tasks.settings import model_queue  # noqa: E402
+from machine import cpu_model  # bench/machine.py
+from s3_setup import CASE  # bench/s3_setup.py
+
+
+def reading(client) -> tuple[Counter, int, int]:
+    """(calls by command, bytes in, bytes out) so far; the INFO calls themselves are taken out by the caller."""
+    stats = client.info("commandstats")
+    calls = Counter({name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()})
+    net = client.info("stats")
+    return calls, int(net["total_net_input_bytes"]), int(net["total_net_output_bytes"])
+
+
+def delta(before, after) -> tuple[Counter, int, int]:
+    calls = after[0] - before[0]
+    calls["info"] -= 2  # the two INFO calls of a reading
+    return +calls, after[1] - before[1], after[2] - before[2]
+
+
+def per_job(server: RedisServer, root: Path, args) -> None:
+    url = server.url()
+    worker = Worker("cost", [model_queue("tiny")], url, make_models_dir(root), root / "worker.log",
+                    extra_env={"MASKFLEET_TORCH_THREADS": "1"})
+    try:
+        app = _app(url)
+        worker.wait_ready(app)
+        submit(fleet_job(CASE, root, "warm", steps=args.steps), broker_url=url).wait(120)
+        time.sleep(1.0)
+        client = server.client()
+        before = reading(client)
+        polls = 0
+        for i in range(args.jobs):
+            handle = submit(fleet_job(CASE, root, f"job{i}", steps=args.steps), broker_url=url)
+            while handle.status()["state"] not in ("SUCCESS", "FAILURE", "REVOKED"):
+                polls += 1
+                time.sleep(0.05)
+            polls += 1
+        calls, bytes_in, bytes_out = delta(before, reading(client))
+        calls["get"] -= polls  # the client's own polls of the result key
+        idle_calls = idle_rate(server, 2.0)  # the worker's background commands over the same time span
+        total = sum(calls.values())
+        print(f"(a) per job ({args.steps} steps, {args.jobs} jobs, one worker): {total / args.jobs:.0f} commands, "
+              f"{bytes_in / args.jobs / 1024:.1f} KB written, {bytes_out / args.jobs / 1024:.1f} KB read "
+              f"(the worker's idle background, {idle_calls:.1f} commands/s, is included)")
+        print("    by command:", ", ".join(f"{name} {n / args.jobs:.1f}" for name, n in calls.most_common(12)))
+    finally:
+        worker.stop()
+
+
+def idle_rate(server: RedisServer, seconds: float) -> float:
+    client = server.client()
+    before = reading(client)
+    time.sleep(seconds)
+    calls, _, _ = delta(before, reading(client))
+    return sum(calls.values()) / seconds
+
+
+def idle(server: RedisServer, root: Path, args) -> None:
+    counts = sorted({n for n in (1, 2, 4, args.max_workers) if n <= args.max_workers})
+    models = make_models_dir(root / "idle-models")
+    rows = []
+    for n in counts:
+        workers = [Worker(f"idle{n}-{k}", [model_queue("tiny")], server.url(), models,
+                          root / f"idle{n}-{k}.log", extra_env={"MASKFLEET_TORCH_THREADS": "1"}) for k in range(n)]
+        try:
+            app = _app(server.url())
+            for w in workers:
+                w.wait_ready(app, deadline_s=300)
+            time.sleep(5.0)  # past the start-up chatter (mingle, first heartbeats)
+            client = server.client()
+            before = reading(client)
+            time.sleep(args.idle_seconds)
+            calls, bytes_in, bytes_out = delta(before, reading(client))
+            rows.append((n, sum(calls.values()) / args.idle_seconds, bytes_out / args.idle_seconds))
+            print(f"(b) {n} idle workers: {rows[-1][1]:.1f} commands/s ({rows[-1][1] / n:.2f} per worker), "
+                  f"{rows[-1][2] / 1024:.2f} KB/s out ({rows[-1][2] / n / 1024:.3f} KB/s per worker)", flush=True)
+        finally:
+            for w in workers:
+                w.stop()
+    if len(rows) >= 2 and rows[0][2] > 0:
+        k = math.log(rows[-1][2] / rows[0][2]) / math.log(rows[-1][0] / rows[0][0])
+        print(f"    bytes out grow as workers^{k:.2f} from {rows[0][0]} to {rows[-1][0]} workers "
+              "(1: linear, 2: every worker hears every other)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--idle-seconds", type=float, default=20.0)
+    parser.add_argument("--max-workers", type=int, default=8)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="maskfleet-broker-cost-"))
+    server = RedisServer(root).start()
+    try:
+        print(f"machine: {cpu_model()}; a private Redis; workers -P prefork -c 1, one torch thread")
+        per_job(server, root, args)
+        idle(server, root, args)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
