@@ -1,7 +1,8 @@
 """What the fleet costs its Redis: commands and bytes per job, and per idle worker as the fleet grows.
 
 A private redis-server (tests/redis_server.py) is the broker and result backend of real
-worker processes (`-P prefork -c 1`, started as the tests start them). Counted from
+worker processes (`-P prefork -c 1`) started with the flags `maskfleet worker` gives them
+(mingle and gossip on, unlike the tests' workers). Counted from
 `INFO commandstats` and `INFO stats` deltas (commands by name, bytes in and out), so the
 counting itself adds one INFO call per reading and nothing else.
 
@@ -55,7 +56,7 @@ def delta(before, after) -> tuple[Counter, int, int]:
 def per_job(server: RedisServer, root: Path, args) -> None:
     url = server.url()
     worker = Worker("cost", [model_queue("tiny")], url, make_models_dir(root), root / "worker.log",
-                    extra_env={"MASKFLEET_TORCH_THREADS": "1"})
+                    extra_env={"MASKFLEET_TORCH_THREADS": "1"}, as_launched=True)
     try:
         app = _app(url)
         worker.wait_ready(app)
@@ -67,9 +68,9 @@ def per_job(server: RedisServer, root: Path, args) -> None:
         for i in range(args.jobs):
             handle = submit(fleet_job(CASE, root, f"job{i}", steps=args.steps), broker_url=url)
             while handle.status()["state"] not in ("SUCCESS", "FAILURE", "REVOKED"):
-                polls += 1
+                polls += 2  # status() reads the result key twice (state, then info)
                 time.sleep(0.05)
-            polls += 1
+            polls += 2
         calls, bytes_in, bytes_out = delta(before, reading(client))
         calls["get"] -= polls  # the client's own polls of the result key
         idle_calls = idle_rate(server, 2.0)  # the worker's background commands over the same time span
@@ -92,11 +93,12 @@ def idle_rate(server: RedisServer, seconds: float) -> float:
 
 def idle(server: RedisServer, root: Path, args) -> None:
     counts = sorted({n for n in (1, 2, 4, args.max_workers) if n <= args.max_workers})
-    models = make_models_dir(root / "idle-models")
+    models = make_models_dir(root)  # the per-job part made it already; the same folder
     rows = []
     for n in counts:
         workers = [Worker(f"idle{n}-{k}", [model_queue("tiny")], server.url(), models,
-                          root / f"idle{n}-{k}.log", extra_env={"MASKFLEET_TORCH_THREADS": "1"}) for k in range(n)]
+                          root / f"idle{n}-{k}.log", extra_env={"MASKFLEET_TORCH_THREADS": "1"}, as_launched=True)
+                   for k in range(n)]
         try:
             app = _app(server.url())
             for w in workers:

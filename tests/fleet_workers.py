@@ -65,7 +65,9 @@ class Worker:
     """`python -m celery -A maskfleet.tasks.app worker -P prefork -c 1` on the given queues
     (the thread pool of a pipelined worker when `extra_env` has MASKFLEET_PIPELINE=1)."""
 
-    def __init__(self, name: str, queues: list[str], url: str, models: Path, log: Path, extra_env: dict | None = None):
+    def __init__(self, name: str, queues: list[str], url: str, models: Path, log: Path, extra_env: dict | None = None,
+                 as_launched: bool = False):
+        """`as_launched`: with the flags `maskfleet worker` gives (mingle and gossip on), not the tests' quieter ones."""
         self.name = f"{name}@test"
         env = {**os.environ, "MASKFLEET_BROKER_URL": url, "MASKFLEET_RESULT_BACKEND": url,
                "MASKFLEET_MODELS": str(models), "MASKFLEET_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": "",
@@ -73,7 +75,8 @@ class Worker:
         self.log = log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "maskfleet.tasks.app", "worker", *pool_arguments(load_settings(env)),
-             "-n", self.name, "-Q", ",".join(queues), "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
+             "-n", self.name, "-Q", ",".join(queues), "--loglevel", "INFO",
+             *([] if as_launched else ["--without-mingle", "--without-gossip"])],
             env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
 
