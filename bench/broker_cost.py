@@ -2,7 +2,8 @@
 
 A private redis-server (tests/redis_server.py) is the broker and result backend of real
 worker processes (`-P prefork -c 1`) started with the flags `maskfleet worker` gives them
-(mingle and gossip on, unlike the tests' workers). Counted from
+(tests/fleet_workers.py; `MASKFLEET_WORKER_GOSSIP=1 python bench/broker_cost.py` for the
+old defaults, mingle and gossip on). Counted from
 `INFO commandstats` and `INFO stats` deltas (commands by name, bytes in and out), so the
 counting itself adds one INFO call per reading and nothing else.
 
@@ -56,7 +57,7 @@ def delta(before, after) -> tuple[Counter, int, int]:
 def per_job(server: RedisServer, root: Path, args) -> None:
     url = server.url()
     worker = Worker("cost", [model_queue("tiny")], url, make_models_dir(root), root / "worker.log",
-                    extra_env={"MASKFLEET_TORCH_THREADS": "1"}, as_launched=True)
+                    extra_env={"MASKFLEET_TORCH_THREADS": "1"})
     try:
         app = _app(url)
         worker.wait_ready(app)
@@ -97,7 +98,7 @@ def idle(server: RedisServer, root: Path, args) -> None:
     rows = []
     for n in counts:
         workers = [Worker(f"idle{n}-{k}", [model_queue("tiny")], server.url(), models,
-                          root / f"idle{n}-{k}.log", extra_env={"MASKFLEET_TORCH_THREADS": "1"}, as_launched=True)
+                          root / f"idle{n}-{k}.log", extra_env={"MASKFLEET_TORCH_THREADS": "1"})
                    for k in range(n)]
         try:
             app = _app(server.url())

@@ -68,6 +68,7 @@ class Settings(BaseModel):
     presign_seconds: int = Field(3600, ge=60, le=604800, description="Seconds the gateway's presigned upload and download URLs stay valid.")
     max_wait_seconds: int = Field(60, ge=0, le=600, description="The longest the gateway holds a request that asks `Prefer: wait=N`.")
     # -- operations
+    worker_gossip: bool = Field(False, description="Celery's mingle and gossip between workers (off: the leases and cancel flags do their work here, and with them on every worker hears every other, so idle traffic grows with the square of the fleet).")
     metrics_port: int = Field(9808, ge=0, le=65535, description="Prometheus metrics port (worker N serves port + N); 0 disables.")
     metrics_addr: str = Field("0.0.0.0", description="Address the metrics server binds.")
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line.")

@@ -13,6 +13,7 @@ import redis
 from celery import Celery
 
 from maskfleet.tasks.pipelined_worker import pool_arguments
+from maskfleet.worker.launcher import peer_flags
 from maskfleet.tasks.settings import load_settings
 
 REDIS_URL = os.environ.get("MASKFLEET_TEST_REDIS", "redis://127.0.0.1:6379")  # conftest.py starts a private one
@@ -65,9 +66,7 @@ class Worker:
     """`python -m celery -A maskfleet.tasks.app worker -P prefork -c 1` on the given queues
     (the thread pool of a pipelined worker when `extra_env` has MASKFLEET_PIPELINE=1)."""
 
-    def __init__(self, name: str, queues: list[str], url: str, models: Path, log: Path, extra_env: dict | None = None,
-                 as_launched: bool = False):
-        """`as_launched`: with the flags `maskfleet worker` gives (mingle and gossip on), not the tests' quieter ones."""
+    def __init__(self, name: str, queues: list[str], url: str, models: Path, log: Path, extra_env: dict | None = None):
         self.name = f"{name}@test"
         env = {**os.environ, "MASKFLEET_BROKER_URL": url, "MASKFLEET_RESULT_BACKEND": url,
                "MASKFLEET_MODELS": str(models), "MASKFLEET_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": "",
@@ -75,8 +74,7 @@ class Worker:
         self.log = log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "maskfleet.tasks.app", "worker", *pool_arguments(load_settings(env)),
-             "-n", self.name, "-Q", ",".join(queues), "--loglevel", "INFO",
-             *([] if as_launched else ["--without-mingle", "--without-gossip"])],
+             "-n", self.name, "-Q", ",".join(queues), "--loglevel", "INFO", *peer_flags(load_settings(env))],
             env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
 

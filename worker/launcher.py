@@ -65,6 +65,11 @@ class WorkerSpec:
     argv: list[str]
 
 
+def peer_flags(settings) -> list[str]:
+    """Mingle and gossip off unless MASKFLEET_WORKER_GOSSIP: workers need not hear each other (bench/broker_cost.py)."""
+    return [] if settings.worker_gossip else ["--without-mingle", "--without-gossip"]
+
+
 def worker_specs(device: str, queues: list[str], concurrency: int = 1, loglevel: str = "INFO") -> list[WorkerSpec]:
     host = socket.gethostname()
     gpus = visible_gpus() if device in ("auto", "cuda") else []
@@ -78,7 +83,7 @@ def worker_specs(device: str, queues: list[str], concurrency: int = 1, loglevel:
     for suffix, extra in slots:
         name = f"maskfleet@{host}-{suffix}"
         argv = [sys.executable, "-m", "celery", "-A", "maskfleet.tasks.app", "worker", *pool,
-                "-n", name, "-Q", ",".join(queues), "--loglevel", loglevel]
+                "-n", name, "-Q", ",".join(queues), "--loglevel", loglevel, *peer_flags(load_settings())]
         specs.append(WorkerSpec(name, {**os.environ, **extra}, argv))
     return specs
 
