@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,7 +36,7 @@ import redis
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from fleet_workers import Worker, claim_db_url, flush, wait_for  # noqa: E402
+from fleet_workers import Gateway, Worker, claim_db_url, flush, wait_for  # noqa: E402
 from golden_jobs import make_models_dir, write_case_job  # noqa: E402
 from metrics_scrape import free_port  # noqa: E402
 
@@ -168,18 +167,17 @@ def main() -> None:
     url = claim_db_url()
     token, entry = new_key("bench", ["submit", "read"])
     (root / "keys.jsonl").write_text(json.dumps(entry) + "\n")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     worker = Worker("bench", [model_queue("tiny")], url, make_models_dir(root), root / "worker.log",
                     extra_env={"MASKFLEET_TORCH_THREADS": "1"})
-    gateway = subprocess.Popen([sys.executable, "-m", "maskfleet.cli", "gateway", "--port", str(port),
-                                "--log-level", "warning"],
-                               env={**__import__("os").environ, "MASKFLEET_BROKER_URL": url,
-                                    "MASKFLEET_RESULT_BACKEND": url, "MASKFLEET_API_KEYS_FILE": str(root / "keys.jsonl")},
-                               stdout=(root / "gateway.log").open("wb"), stderr=subprocess.STDOUT)
+    gateway = Gateway(free_port(), {"MASKFLEET_BROKER_URL": url, "MASKFLEET_RESULT_BACKEND": url,
+                                    "MASKFLEET_API_KEYS_FILE": str(root / "keys.jsonl"),
+                                    "MASKFLEET_GATEWAY_LOCAL_FILES": "1"},  # the case's local files, as the client's
+                      root / "gateway.log",
+                      "--log-level", "warning")
+    base = gateway.url
     try:
         worker.wait_ready(_app(url))
-        wait_for(lambda: _up(base), 60, "gateway", poll=0.1)
+        gateway.wait_ready()
         job_path, _, _ = write_case_job(CASE, root / "job")
         job = dict(json.loads(job_path.read_text()), steps=args.steps)
         print(f"machine: {cpu_model()}; one worker (1 torch thread), one gateway process; job: c03, {args.steps} steps")
@@ -192,7 +190,7 @@ def main() -> None:
                                headers={"Prefer": "wait=60"}).json()["id"]
             rate = status_rate(base, token, finished, args.threads, args.seconds)
             print(f"(b) GET /v1/jobs/{{id}} from {args.threads} threads for {args.seconds:g} s: {rate:.0f} requests/s")
-            s = streams(base, token, gw, job, url, gateway.pid, args)
+            s = streams(base, token, gw, job, url, gateway.proc.pid, args)
         delays = s["delays_ms"]
         print(f"(c) {args.streams} event streams on one running job ({args.stream_steps} steps, {s['updates']} progress "
               f"updates published): {s['events']} events received, delay publish -> client median "
@@ -200,17 +198,9 @@ def main() -> None:
               f"{s['before_mb']:.0f} MB before, {s['peak_mb']:.0f} MB with the streams "
               f"({(s['peak_mb'] - s['before_mb']) * 1024 / args.streams:.0f} KB per stream)")
     finally:
-        gateway.terminate()
-        gateway.wait(15)
+        gateway.stop()
         worker.stop()
         flush(url)
-
-
-def _up(base: str) -> bool:
-    try:
-        return httpx.get(base + "/healthz", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 if __name__ == "__main__":

@@ -81,9 +81,10 @@ class JobDesk:
             return {"redis": "ok"}
         from botocore.exceptions import BotoCoreError, ClientError
 
-        from ..storage.s3_client import get_s3_client, parse_s3_uri
+        from ..storage.s3_client import get_s3_client
+        from .presigned import upload_location
 
-        bucket, _ = parse_s3_uri(self.settings.upload_prefix.rstrip("/") + "/x", "MASKFLEET_UPLOAD_PREFIX")
+        bucket, _ = upload_location(self.settings.upload_prefix)
         try:
             get_s3_client().head_bucket(Bucket=bucket)
         except (BotoCoreError, ClientError) as e:

@@ -45,6 +45,12 @@ def check_file_name(name: str) -> None:
         raise ApiError(422, "InvalidRequest", f"files: {name!r} must end with one of {', '.join(UPLOAD_SUFFIXES)}")
 
 
+def upload_location(prefix: str) -> tuple[str, str]:
+    """(bucket, key prefix ending in '/', or empty) of MASKFLEET_UPLOAD_PREFIX."""
+    bucket, key = parse_s3_uri(prefix.rstrip("/") + "/x", "MASKFLEET_UPLOAD_PREFIX")
+    return bucket, key[:-1]
+
+
 def presign_uploads(request: UploadRequest, prefix: str | None, owner: str, seconds: int) -> Uploads:
     if prefix is None:
         raise ApiError(404, "NotFound", "uploads are off: MASKFLEET_UPLOAD_PREFIX (s3://bucket/prefix) is not set")
@@ -52,8 +58,8 @@ def presign_uploads(request: UploadRequest, prefix: str | None, owner: str, seco
         raise ApiError(422, "InvalidRequest", "files: names must be unique")
     for name in request.files:
         check_file_name(name)
-    bucket, root = parse_s3_uri(prefix.rstrip("/") + "/x", "MASKFLEET_UPLOAD_PREFIX")
-    folder = f"{root[:-1]}{owner}/{uuid.uuid4()}"
+    bucket, root = upload_location(prefix)
+    folder = f"{root}{owner}/{uuid.uuid4()}"
     client = get_s3_client()
     files = [Upload(name=name, uri=f"s3://{bucket}/{folder}/{name}",
                     put_url=client.generate_presigned_url("put_object", Params={"Bucket": bucket, "Key": f"{folder}/{name}"},

@@ -150,3 +150,30 @@ class Flower:
 
     def stop(self, timeout: float = 15.0) -> None:
         stop_process(self.proc, timeout)
+
+
+class Gateway:
+    """`python -m maskfleet.cli gateway` on 127.0.0.1:`port` with `env`; stopped by `stop`."""
+
+    def __init__(self, port: int, env: dict, log: Path, *args: str):
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "maskfleet.cli", "gateway", "--port", str(port), *args],
+                                     env={**os.environ, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, deadline_s: float = 60) -> None:
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            import httpx
+
+            try:
+                return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, deadline_s, "gateway /healthz", poll=0.1)
+
+    def stop(self) -> None:
+        stop_process(self.proc, 15)

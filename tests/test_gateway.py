@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -26,37 +25,12 @@ from metrics_scrape import free_port
 from maskfleet.client import _app
 from maskfleet.gateway.api_keys import new_key
 from maskfleet.tasks.settings import model_queue
-from fleet_workers import Worker, claim_db_url, flush, require_redis, stop_process, wait_for
+from fleet_workers import Gateway, Worker, claim_db_url, flush, require_redis, wait_for
 
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"  # 6 steps
 MAX_QUEUE_DEPTH = 2
 
 require_redis()
-
-
-class Gateway:
-    """`python -m maskfleet.cli gateway` on 127.0.0.1:`port` with `env`; stopped by `stop`."""
-
-    def __init__(self, port: int, env: dict, log: Path, *args: str):
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "maskfleet.cli", "gateway", "--port", str(port), *args],
-                                     env={**os.environ, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def wait_ready(self, deadline_s: float = 60) -> None:
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
-            try:
-                return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(up, deadline_s, "gateway /healthz", poll=0.1)
-
-    def stop(self) -> None:
-        stop_process(self.proc, 15)
 
 
 @pytest.fixture(scope="module")

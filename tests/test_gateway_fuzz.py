@@ -13,10 +13,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from metrics_scrape import free_port
-from test_gateway import Gateway
 
 from maskfleet.gateway.api_keys import new_key
-from fleet_workers import claim_db_url, flush, require_redis
+from fleet_workers import Gateway, claim_db_url, flush, require_redis
 
 require_redis()
 
