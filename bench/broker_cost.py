@@ -7,10 +7,11 @@ old defaults, mingle and gossip on). Counted from
 `INFO commandstats` and `INFO stats` deltas (commands by name, bytes in and out), so the
 counting itself adds one INFO call per reading and nothing else.
 
-(a) Per job: --jobs jobs of golden case c03 at --steps steps, submitted one after another
-through the client and waited for (the client's own polls of the result key are counted here and
-subtracted); commands per job by name, and
-bytes written to Redis per job.
+(a) Per job: --jobs jobs of the tiny model (tests/tiny_jobs.py, a --size latent) at --steps
+steps, submitted one after another through the client and waited for (the
+bench hears each job end on its result channel, so it adds no command); commands per job by name, the
+PROGRESS writes among them (one per MASKFLEET_PROGRESS_SECONDS of sampling, plus the first
+and the last), and bytes written to Redis per job.
 (b) Idle: 1, 2, 4 and --max-workers workers started together, then --idle-seconds of
 nothing; commands/s and bytes out/s per worker, and the growth law fitted on bytes out
 (bytes_out ~ workers^k).
@@ -20,6 +21,7 @@ nothing; commands/s and bytes out/s per worker, and the growth law fitted on byt
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -31,13 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from fleet_workers import Worker  # noqa: E402
-from golden_jobs import fleet_job, make_models_dir  # noqa: E402
+from golden_jobs import make_models_dir  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
+from tiny_jobs import job_from, write_tiny_inputs  # noqa: E402
 
 from maskfleet.client import _app, submit  # noqa: E402
 from maskfleet.tasks.settings import model_queue  # noqa: E402
 from machine import cpu_model  # bench/machine.py
-from s3_setup import CASE  # bench/s3_setup.py
 
 
 def reading(client) -> tuple[Counter, int, int]:
@@ -56,32 +58,65 @@ def delta(before, after) -> tuple[Counter, int, int]:
 
 def per_job(server: RedisServer, root: Path, args) -> None:
     url = server.url()
-    worker = Worker("cost", [model_queue("tiny")], url, make_models_dir(root), root / "worker.log",
+    models = make_models_dir(root)
+    template = write_tiny_inputs(root / "inputs", size=args.size)
+    worker = Worker("cost", [model_queue("tiny")], url, models, root / "worker.log",
                     extra_env={"MASKFLEET_TORCH_THREADS": "1"})
     try:
         app = _app(url)
         worker.wait_ready(app)
-        submit(fleet_job(CASE, root, "warm", steps=args.steps), broker_url=url).wait(120)
+        submit(job_from(template, "warm", root / "warm.latent", steps=args.steps), broker_url=url).wait(120)
         time.sleep(1.0)
         client = server.client()
+        # The end of each job is heard on its result channel, so the bench adds no command per job.
+        ends = client.pubsub(ignore_subscribe_messages=True)
+        ends.psubscribe("celery-task-meta-*")
         before = reading(client)
-        polls = 0
+        seconds = 0.0
         for i in range(args.jobs):
-            handle = submit(fleet_job(CASE, root, f"job{i}", steps=args.steps), broker_url=url)
-            while handle.status()["state"] not in ("SUCCESS", "FAILURE", "REVOKED"):
-                polls += 2  # status() reads the result key twice (state, then info)
-                time.sleep(0.05)
-            polls += 2
+            job = job_from(template, f"job{i}-{time.time_ns()}", root / f"job{i}.latent", steps=args.steps)
+            start = time.monotonic()
+            submit(job, broker_url=url)
+            wait_final(ends, job["job_id"], deadline=start + 120)
+            seconds += time.monotonic() - start
+        settled = acks_settled(client)
         calls, bytes_in, bytes_out = delta(before, reading(client))
-        calls["get"] -= polls  # the client's own polls of the result key
+        calls["hlen"] -= settled
+        ends.close()
         idle_calls = idle_rate(server, 2.0)  # the worker's background commands over the same time span
-        total = sum(calls.values())
-        print(f"(a) per job ({args.steps} steps, {args.jobs} jobs, one worker): {total / args.jobs:.0f} commands, "
+        total = sum(calls.values()) / args.jobs
+        # Each state write publishes once: STARTED, SUCCESS, and the PROGRESS writes (SET + PUBLISH each).
+        progress_writes = calls["publish"] / args.jobs - 2
+        print(f"(a) per job ({args.steps} steps, {args.size}x{args.size} latent, {seconds / args.jobs:.2f} s from submit "
+              f"to SUCCESS, {args.jobs} jobs, one worker): {total:.1f} commands, "
               f"{bytes_in / args.jobs / 1024:.1f} KB written, {bytes_out / args.jobs / 1024:.1f} KB read "
               f"(the worker's idle background, {idle_calls:.1f} commands/s, is included)")
-        print("    by command:", ", ".join(f"{name} {n / args.jobs:.1f}" for name, n in calls.most_common(12)))
+        print(f"    of which PROGRESS writes: {progress_writes:.1f} ({2 * progress_writes:.1f} commands); "
+              f"the rest, {total - 2 * progress_writes:.1f} commands, does not depend on steps or time")
+        print("    by command:", ", ".join(f"{name} {n / args.jobs:.1f}" for name, n in calls.most_common()))
     finally:
         worker.stop()
+
+
+def wait_final(ends, task_id: str, deadline: float) -> None:
+    """Until the job's result channel carries a final state."""
+    while time.monotonic() < deadline:
+        message = ends.get_message(timeout=1.0)
+        if message and message["channel"].decode().endswith(task_id) and \
+                json.loads(message["data"])["status"] in ("SUCCESS", "FAILURE", "REVOKED"):
+            return
+    raise TimeoutError(f"job {task_id} did not end")
+
+
+def acks_settled(client, deadline_s: float = 30.0) -> int:
+    """Wait until the worker acked the last job (it does so after the result is stored); the HLEN calls made."""
+    end, calls = time.monotonic() + deadline_s, 0
+    while time.monotonic() < end:
+        calls += 1
+        if client.hlen("unacked") == 0:
+            return calls
+        time.sleep(0.05)
+    raise TimeoutError("the last job was not acked")
 
 
 def idle_rate(server: RedisServer, seconds: float) -> float:
@@ -125,6 +160,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=8, help="latent side: 8 samples 20 steps in well under a second "
+                        "on one CPU thread, about what a GPU takes for SD1.5")
     parser.add_argument("--idle-seconds", type=float, default=20.0)
     parser.add_argument("--max-workers", type=int, default=8)
     args = parser.parse_args()

@@ -21,7 +21,7 @@ from .job import Job, JobError, parse_job
 from .tasks.app import app as default_app, configure
 from .tasks.callback_policy import check_callback_url
 from .tasks.cancellation import request_cancel
-from .tasks.idempotency import claim_submission, job_digest, was_submitted
+from .tasks.idempotency import claim_submission, job_digest, submission_record, was_submitted
 from .tasks.settings import TASK_NAME, Settings, check_time_limit, load_settings, soft_limit
 
 FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
@@ -44,13 +44,31 @@ class JobFailed(RuntimeError):
 @lru_cache(maxsize=8)
 def _app(broker_url: str | None) -> Celery:
     if broker_url is None:
-        return default_app
+        return app_for(load_settings())
     return app_for(load_settings({"MASKFLEET_BROKER_URL": broker_url}))
+
+
+class ProducerApp(Celery):
+    """A Celery app whose result backend does not subscribe to each job's result channel as it is sent.
+
+    Celery's Redis backend subscribes when a task is sent, for an `AsyncResult.get()` that may
+    follow; a producer here polls (`JobHandle.wait`) or listens on its own (the gateway), so
+    that is two Redis commands per job for nothing. `get()` still works: it subscribes itself.
+    """
+
+    def _get_backend(self) -> Any:
+        backend = super()._get_backend()
+        backend.on_task_call = _no_subscription
+        return backend
+
+
+def _no_subscription(producer: Any, task_id: str) -> None:
+    return None
 
 
 def app_for(settings: Settings) -> Celery:
     """A producer's Celery app for these settings (broker, result backend, limits)."""
-    app = Celery("maskfleet-client")
+    app = ProducerApp("maskfleet-client")
     configure(app, settings)
     return app
 
@@ -64,6 +82,11 @@ class JobHandle:
     @property
     def result(self) -> AsyncResult:
         return AsyncResult(self.task_id, app=self.app)
+
+    def document(self) -> dict | None:
+        """The job document as submitted (its submission record), None when none is on record."""
+        record = submission_record(self.task_id, self.app.conf.result_backend)
+        return None if record is None else record.get("job")
 
     def status(self) -> dict[str, Any]:
         """{"id", "state", "meta"}: meta is PROGRESS's step/total/sampler/phase, the result, or the error."""
@@ -138,10 +161,14 @@ def submit(job: dict | str | bytes | Job, *, broker_url: str | None = None, queu
     # Redis, so a wrong password or an unreachable Redis fails here at once and clearly
     # (Celery's own first contact retries for about 20 s, then says little).
     task_id = parsed.job_id or str(uuid.uuid4())
-    record = {"digest": job_digest(parsed), "submitted_at": time.time(), "owner": owner}
+    document = parsed.model_dump(mode="json")
+    record = {"digest": job_digest(parsed), "submitted_at": time.time(), "owner": owner, "job": document}
     if not claim_submission(task_id, app.conf.result_backend, record):
         return JobHandle(task_id, app, submitted=False)
-    sent = app.send_task(TASK_NAME, args=[parsed.model_dump(mode="json")], task_id=task_id, **options)
+    # Celery would repeat the whole document in the message's headers as its repr (shown by Flower).
+    summary = {"job_id": task_id, "model": parsed.base_sampler.model, "steps": parsed.steps}
+    sent = app.send_task(TASK_NAME, args=[document], task_id=task_id, argsrepr=repr([summary]), kwargsrepr="{}",
+                         **options)
     return JobHandle(sent.id, app)
 
 

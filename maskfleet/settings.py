@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Literal, Mapping, get_args, get_origin
+from typing import Any, Literal, Mapping, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError, field_validator, model_validator
 
 PREFIX = "MASKFLEET_"
 EMPTY_IS_A_VALUE = frozenset({"allowed_roots"})
@@ -69,6 +69,9 @@ class Settings(BaseModel):
     max_wait_seconds: int = Field(60, ge=0, le=600, description="The longest the gateway holds a request that asks `Prefer: wait=N`.")
     # -- operations
     worker_gossip: bool = Field(False, description="Celery's mingle and gossip between workers (off: the leases and cancel flags do their work here, and with them on every worker hears every other, so idle traffic grows with the square of the fleet).")
+    monitor_events: bool = Field(False, description="Celery's task events and worker heartbeats, which Flower needs (its task views and workers' online status); set it on workers and producers where Flower runs. Off: about 5 fewer Redis commands and 4 KB per job, and no heartbeat every 2 s per worker (docs/scaling.md).")
+    progress_seconds: float = Field(1.0, gt=0, description="The least time between a job's status writes (PROGRESS state, progress webhooks): the first sampler call and the last always write, between them at most one write per this many seconds.")
+    celery_options: Json[dict[str, Any]] = Field({}, description="Celery settings applied over the fleet's own, as a JSON object of lower-case Celery setting names (for example {\"broker_pool_limit\": 4}); for what no setting here covers.")
     metrics_port: int = Field(9808, ge=0, le=65535, description="Prometheus metrics port (worker N serves port + N); 0 disables.")
     metrics_addr: str = Field("0.0.0.0", description="Address the metrics server binds.")
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line.")
@@ -132,6 +135,10 @@ def _reason(error: dict) -> str:
         return f"must be at least {ctx.get('ge')}"
     if kind == "less_than_equal":
         return f"must be at most {ctx.get('le')}"
+    if kind == "dict_type":
+        return "expected a JSON object"
+    if kind == "json_invalid":
+        return f"not JSON ({ctx.get('error', error['msg'])})"
     if kind == "literal_error":
         return "expected one of " + ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
     return error["msg"]
@@ -176,6 +183,8 @@ def unknown_variables(env: Mapping[str, str] | None = None) -> list[str]:
 
 def _type_name(annotation) -> str:
     options = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is dict:
+        return "JSON object"
     if get_origin(annotation) is Literal:
         return "one of " + ", ".join(f"`{a}`" for a in options)
     if options:  # X | None

@@ -3,12 +3,14 @@
 - Producer side, `claim_submission` does SET NX on `maskfleet:submitted:<job_id>`: only
   the first submission of a job id sends a message (and the Celery task id is the job id).
   The key holds the submission's record (JSON: the job document's digest, when it was
-  sent, and the gateway's API key name that owns it), which tells a repeat from a
-  different document under the same id.
-- Worker side, a job that succeeded leaves `maskfleet:done:<job_id>` (its result and the
-  digest of the job document), written from Celery's task_success signal. A redelivered
-  message (worker lost after the output was written, before the ack) finds it and returns
-  the stored result without sampling again. The same id with a different job is refused.
+  sent, the gateway's API key name that owns it, and the job document itself, stored
+  once here rather than in every state write), which tells a repeat from a different
+  document under the same id.
+- Worker side, a job that succeeded leaves `maskfleet:done:<job_id>` (the digest of the job
+  document), written from Celery's task_success signal. A redelivered message (worker lost
+  after the output was written, before the ack) finds it and returns the result Celery
+  stored (under the same id, for as long) without sampling again. The same id with a
+  different job is refused.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import hashlib
 import json
 from typing import Any
 
+from celery import states
 from celery.signals import task_success
 
 from ..job import Job, JobError, parse_job
@@ -51,23 +54,22 @@ def was_submitted(job_id: str, url: str | None = None) -> bool:
     return bool(connection(url).exists(submitted_key(job_id)))
 
 
-def finished_result(job: Job) -> dict | None:
+def finished_result(task: Any, job: Job) -> dict | None:
     """The stored result of this job id if it already succeeded, else None."""
     if not job.job_id:
         return None
     raw = connection().get(done_key(job.job_id))
     if raw is None:
         return None
-    record = json.loads(raw)
-    if record["digest"] != job_digest(job):
+    if json.loads(raw)["digest"] != job_digest(job):
         raise InvalidJob(f"job_id: {job.job_id!r} already finished for a different job document")
-    return record["result"]
+    stored = task.backend.get_task_meta(task.request.id)
+    return stored["result"] if stored.get("status") == states.SUCCESS and isinstance(stored["result"], dict) else None
 
 
-def record_finished(job: Job, result: dict) -> None:
+def record_finished(job: Job) -> None:
     if job.job_id:
-        record = {"digest": job_digest(job), "result": result}
-        connection().set(done_key(job.job_id), json.dumps(record), ex=ttl())
+        connection().set(done_key(job.job_id), json.dumps({"digest": job_digest(job)}), ex=ttl())
 
 
 @task_success.connect
@@ -78,11 +80,11 @@ def _on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
         job = parse_job(sender.request.args[0])
     except (JobError, IndexError, TypeError):
         return
-    record_finished(job, result)
+    record_finished(job)
 
 
 class FinishedBefore(Concern):
     """A job id that already succeeded with this document returns its stored result, not sampled again."""
 
     def before(self, run: TaskRun) -> dict | None:
-        return finished_result(run.job)  # type: ignore[arg-type]
+        return finished_result(run.task, run.job)  # type: ignore[arg-type]

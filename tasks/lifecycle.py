@@ -11,6 +11,8 @@ input...) is one class in the module that owns it, with a few of these hooks, an
 - `failed(run, error)`: when the call raises, in list order; the first concern that
   returns an exception (raised instead, once the error and its traceback are gone) or
   raises one decides the task's outcome; None passes the error on.
+- `after(run)`: at the end however the task ends, in reverse order, for every concern whose
+  `before` was called (so it must cope with what `before` did not get to set up).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class TaskRun:
     job: Job | None = None  # set by job_document.ParsedJob
     stops: list[StopHook] = field(default_factory=list)  # asked before every sampler call
     on_progress: ProgressHook | None = None
+    cancel_watch: Any = None  # set by cancellation.Cancellation: the job's cancel subscription
 
     @property
     def task_id(self) -> str:
@@ -54,13 +57,26 @@ class Concern:
     def failed(self, run: TaskRun, error: Exception) -> Exception | None:
         return None
 
+    def after(self, run: TaskRun) -> None:
+        return None
+
 
 def run_with(concerns: Sequence[Concern], run: TaskRun, call: Callable[[TaskRun], dict]) -> dict:
     """`call(run)` with every concern's hooks around it (see the module docstring)."""
-    for concern in concerns:
-        early = concern.before(run)
-        if early is not None:
-            return early
+    begun: list[Concern] = []
+    try:
+        for concern in concerns:
+            begun.append(concern)
+            early = concern.before(run)
+            if early is not None:
+                return early
+        return _call_around(concerns, run, call)
+    finally:
+        for concern in reversed(begun):
+            concern.after(run)
+
+
+def _call_around(concerns: Sequence[Concern], run: TaskRun, call: Callable[[TaskRun], dict]) -> dict:
     with ExitStack() as stack:
         for concern in concerns:
             stack.enter_context(concern.around(run))

@@ -1,8 +1,8 @@
 """PROGRESS updates from the sampling loop, throttled so status never slows the GPU.
 
 The loop calls its progress hook after every sampler call (thousands per job on fast
-GPUs); each update is a Redis write, so at most a few per second go out, plus always
-the first and the last. Each update that goes out sets the PROGRESS state and is handed
+GPUs); each update is a Redis write (two commands, task_state.py), so at most one per
+MASKFLEET_PROGRESS_SECONDS goes out, plus always the first and the last. Each update that goes out sets the PROGRESS state and is handed
 to every subscriber (status_events.py subscribes to send progress webhooks), so one
 throttle feeds every status channel and the loop pays for one.
 """
@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from ..sampling.hooks import job_step
 from .lifecycle import Concern, TaskRun
+from .task_state import PROGRESS, write_state
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def subscribe(subscriber: Subscriber) -> Subscriber:
 class Throttle:
     """Pass (done, total, which) on to `publish` at most once per `min_interval` seconds, and always the last."""
 
-    def __init__(self, publish: Publish, min_interval: float = 0.25, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, publish: Publish, min_interval: float, clock: Callable[[], float] = time.monotonic):
         self.publish = publish
         self.min_interval = min_interval
         self.clock = clock
@@ -55,13 +56,13 @@ def progress_meta(done: int, total: int, which: str) -> dict[str, Any]:
     return {"step": step, "total": steps, "sampler": which, "phase": "sampling"}
 
 
-def task_progress(task: Any, min_interval: float = 0.25) -> Throttle:
+def task_progress(task: Any, min_interval: float) -> Throttle:
     """A throttled hook that sets the Celery task's state to PROGRESS with step/total/sampler/phase,
     and passes the same meta to the subscribers (a subscriber's error is logged, never the job's)."""
 
     def publish(done: int, total: int, which: str) -> None:
         meta = progress_meta(done, total, which)
-        task.update_state(state="PROGRESS", meta=meta)
+        write_state(task, PROGRESS, meta)
         for subscriber in _subscribers:
             try:
                 subscriber(task, meta)
@@ -75,4 +76,4 @@ class TaskProgress(Concern):
     """The sampling loop's progress hook: this task's throttled PROGRESS state (and its subscribers)."""
 
     def before(self, run: TaskRun) -> None:
-        run.on_progress = task_progress(run.task)
+        run.on_progress = task_progress(run.task, run.settings.progress_seconds)

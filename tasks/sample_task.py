@@ -37,10 +37,12 @@ from .progress import TaskProgress
 from .settings import TASK_NAME, load_settings
 from .status_events import StartAnnouncement
 from .storage_retry import StorageRetry
+from .task_state import StartedState
 from .worker_pipeline import worker_pipeline
 
 # In the order they run; a failure is decided by the first concern that claims it.
 LIFECYCLE: list[Concern] = [
+    StartedState(),  # STARTED, as Celery's task_track_started would write it, in fewer commands
     PoisonCheck(),  # count the delivery; PoisonJob after too many that killed their worker
     ParsedJob(),  # the message's document validated again: InvalidJob naming the field
     StartAnnouncement(),  # the callback checked here, `started` sent

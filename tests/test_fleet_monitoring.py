@@ -37,8 +37,9 @@ def fleet(tmp_path_factory):
         env.setenv("MASKFLEET_CALLBACK_ALLOWLIST", allowed)
         worker = Worker("monitored", [model_queue("tiny")], url, make_models_dir(root), root / "worker.log",
                         extra_env={"MASKFLEET_WEBHOOK_SECRET": SECRET, "MASKFLEET_CALLBACK_ALLOWLIST": allowed,
-                                   "MASKFLEET_METRICS_PORT": str(metrics_port), "MASKFLEET_METRICS_ADDR": "127.0.0.1"})
-        flower = Flower(url, free_port(), root / "flower.log")
+                                   "MASKFLEET_METRICS_PORT": str(metrics_port), "MASKFLEET_METRICS_ADDR": "127.0.0.1",
+                                   "MASKFLEET_MONITOR_EVENTS": "1"})  # what Flower needs, as docs/fleet.md says
+        flower = Flower(url, free_port(), root / "flower.log", extra_env={"MASKFLEET_MONITOR_EVENTS": "1"})
         worker.wait_ready(_app(url))
         flower.wait_ready(worker.name)
         yield {"url": url, "root": root, "hook": hook, "flower": flower, "metrics_port": metrics_port}

@@ -4,8 +4,8 @@ Both workers (`-c 1`, one torch thread each) consume maskfleet.model.tiny on the
 Redis (an empty DB claimed for this module, flushed after). Twenty small jobs with
 distinct job ids and outputs go through maskfleet.client.submit. Run-once is checked three
 ways that must agree: each worker's own count of tasks it accepted (`inspect().stats()`),
-the task ids each worker logged as received, and the worker Celery recorded in each
-result (result_extended). Nothing is mocked.
+the task ids each worker logged as received, and the task ids each worker logged as
+succeeded. Nothing is mocked.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
 from maskfleet.client import _app, submit
 from maskfleet.tasks.settings import TASK_NAME, model_queue
 from fleet_workers import Worker, claim_db_url, flush, require_redis
+from tiny_jobs import SUCCEEDED
 
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
 JOBS = 20
@@ -55,6 +56,11 @@ def received_ids(log: Path) -> list[str]:
     return re.findall(rf"Task {re.escape(TASK_NAME)}\[([^\]]+)\] received", log.read_text(errors="replace"))
 
 
+def succeeded_ids(log: Path) -> set[str]:
+    """Task ids this worker logged as succeeded (Celery's INFO line, one per run that returned)."""
+    return {task_id for task_id, _ in SUCCEEDED.findall(log.read_text(errors="replace"))}
+
+
 def test_two_workers_share_a_queue_each_job_runs_once_on_either(two_workers):
     root, url, app = two_workers["root"], two_workers["url"], two_workers["app"]
     job_path, _, _ = write_case_job(CASE, root / "inputs")
@@ -86,7 +92,7 @@ def test_two_workers_share_a_queue_each_job_runs_once_on_either(two_workers):
         assert result["shape"] == [1, 4, 32, 32]
         output = Path(job["output"][len("file://"):])
         assert output.is_file() and output.stat().st_size > 0
-        ran_on[handle.task_id] = handle.result.worker
+        [ran_on[handle.task_id]] = [w.name for w in two_workers["workers"] if handle.task_id in succeeded_ids(w.log)]
     assert set(ran_on.values()) <= names, ran_on
     per_worker = Counter(ran_on.values())
     assert set(per_worker) == names, f"one worker took every job: {per_worker}"

@@ -48,12 +48,11 @@ def test_throttle_passes_first_last_and_a_few_per_interval():
     assert sent[0] == 1 and sent[-1] == 100 and len(sent) <= 6
 
 
-def test_the_cancel_flag_is_read_a_few_times_a_second_not_per_sampler_call(monkeypatch):
+def test_the_cancel_is_asked_a_few_times_a_second_not_per_sampler_call():
     from maskfleet.tasks import cancellation
 
     now, reads, flag = [0.0], [], [False]
-    monkeypatch.setattr(cancellation, "cancel_requested", lambda task_id: reads.append(task_id) or flag[0])
-    should_stop = cancellation.stop_hook("job", min_interval=0.25, clock=lambda: now[0])
+    should_stop = cancellation.stop_hook(lambda: reads.append(1) or flag[0], min_interval=0.25, clock=lambda: now[0])
     for call in range(100):  # 100 sampler calls over one second
         now[0] = call * 0.01
         assert should_stop() is False
@@ -83,9 +82,11 @@ def test_launcher_default_queues_cover_the_local_store(tmp_path, monkeypatch):
     assert launcher.worker_queues(None) == [DEFAULT_QUEUE, model_queue("m1")]
 
 
-def test_a_job_that_cannot_reach_redis_is_handed_back_not_failed(monkeypatch):
+def test_a_job_that_cannot_reach_redis_is_handed_back_not_failed(monkeypatch, tmp_path):
     """Our keys unreachable (a closed port): the task rejects its message for requeue, with no FAILURE."""
     import socket
+
+    from tiny_jobs import job_from, write_tiny_inputs
 
     from celery.exceptions import Reject
 
@@ -98,7 +99,7 @@ def test_a_job_that_cannot_reach_redis_is_handed_back_not_failed(monkeypatch):
     monkeypatch.setenv("MASKFLEET_RESULT_BACKEND", f"redis://127.0.0.1:{port}/0")
     monkeypatch.setattr(redis_keys, "_client", None)
     with pytest.raises(Reject) as caught:
-        sample.run({"job_id": "unreachable"})
+        sample.run(job_from(write_tiny_inputs(tmp_path), "unreachable", tmp_path / "out.latent"))
     assert caught.value.requeue is True
     assert "Redis unreachable" in str(caught.value.reason)
     monkeypatch.setattr(redis_keys, "_client", None)

@@ -66,8 +66,10 @@ class WorkerSpec:
 
 
 def peer_flags(settings) -> list[str]:
-    """Mingle and gossip off unless MASKFLEET_WORKER_GOSSIP: workers need not hear each other (bench/broker_cost.py)."""
-    return [] if settings.worker_gossip else ["--without-mingle", "--without-gossip"]
+    """Mingle and gossip off unless MASKFLEET_WORKER_GOSSIP: workers need not hear each other; the event
+    heartbeat off unless MASKFLEET_MONITOR_EVENTS: only Flower listens to it (docs/scaling.md)."""
+    flags = [] if settings.worker_gossip else ["--without-mingle", "--without-gossip"]
+    return flags if settings.monitor_events else [*flags, "--without-heartbeat"]
 
 
 def worker_specs(device: str, queues: list[str], concurrency: int = 1, loglevel: str = "INFO") -> list[WorkerSpec]:
