@@ -25,8 +25,10 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # -- broker, results, limits (producers and workers must agree on these)
-    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (redis:// or rediss://, password in the URL).")
-    result_backend: str = Field("", description="Celery result backend; default: the broker URL.")
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker: redis:// or rediss:// (password in the URL), or Redis Sentinel as sentinel://[:password@]host:port[/db] URLs joined by `;`, one per sentinel (docs/scaling.md).")
+    result_backend: str = Field("", description="Celery result backend, where our own keys live too; default: the broker URL.")
+    sentinel_master: str = Field("mymaster", description="The master name the sentinels monitor (sentinel:// URLs only).")
+    sentinel_password: str | None = Field(None, repr=False, description="The sentinels' own password, when they have one (the master's is in the URL).")
     max_job_seconds: int = Field(3600, ge=1, description="Hard time limit of a job (seconds); the soft limit and `time_limit` caps derive from it.")
     result_expires: int = Field(86400, ge=1, description="Seconds results, done records and submission keys are kept.")
     lease_seconds: int = Field(30, ge=1, description="A worker's hold on the jobs it reserved, refreshed by its heartbeat; also the broker's visibility timeout.")

@@ -28,12 +28,14 @@ def _free_port() -> int:
 class RedisServer:
     """`start()`, `stop()`, `restart()`; `url(db)` includes the password when there is one."""
 
-    def __init__(self, workdir: Path, password: str | None = None, persistent: bool = False):
+    def __init__(self, workdir: Path, password: str | None = None, persistent: bool = False,
+                 extra_args: tuple[str, ...] = ()):
         if shutil.which("redis-server") is None:  # pragma: no cover
             raise RuntimeError("redis-server is not installed")
         self.workdir = workdir
         self.password = password
         self.persistent = persistent
+        self.extra_args = extra_args  # more redis-server options (a replica's --replicaof)
         self.port = _free_port()
         self.process: subprocess.Popen | None = None
         self.log_path = workdir / f"redis-{self.port}.log"
@@ -53,8 +55,8 @@ class RedisServer:
         else:
             argv += ["--appendonly", "no"]
         if self.password:
-            argv += ["--requirepass", self.password]
-        return argv
+            argv += ["--requirepass", self.password, "--masterauth", self.password]
+        return argv + list(self.extra_args)
 
     def start(self) -> "RedisServer":
         self.process = subprocess.Popen(self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -68,6 +70,12 @@ class RedisServer:
             except redis.RedisError:
                 time.sleep(0.05)
         raise TimeoutError(f"redis-server on port {self.port} did not answer: {self._log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies at once, as a lost host would, with no SHUTDOWN and no goodbye to its clients."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
     def stop(self) -> None:
         """SHUTDOWN (the AOF is already on disk), then wait for the process."""
