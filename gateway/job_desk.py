@@ -18,6 +18,7 @@ from ..job import Job, JobError
 from ..settings import Settings
 from ..tasks.idempotency import job_digest, submission_record
 from ..tasks.queue_depth import queue_depth
+from ..tasks.redis_urls import redis_client
 from ..tasks.settings import model_queue
 from .api_keys import ApiKey
 from .errors import ApiError
@@ -31,7 +32,7 @@ class JobDesk:
         self.settings = settings
         self.app = app_for(settings)
         self.backend = self.app.conf.result_backend
-        self.broker = redis.Redis.from_url(settings.broker_url)
+        self.broker = redis_client(settings.broker_url, settings)
 
     def submit(self, job: Job, key: ApiKey) -> tuple[bool, JobView]:
         """(created, view): a new job is sent; the same job_id with the same document is the existing job."""
@@ -74,7 +75,7 @@ class JobDesk:
         try:
             self.broker.ping()
             if self.backend != self.settings.broker_url:
-                redis.Redis.from_url(self.backend).ping()
+                redis_client(self.backend, self.settings).ping()
         except redis.RedisError as e:
             raise ApiError(503, "NotReady", f"Redis does not answer: {e}") from None
         if self.settings.upload_prefix is None:

@@ -22,9 +22,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from ..tasks.redis_urls import async_redis_client
 from .job_views import FINISHED, JobView
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class JobEvents:
             if feed is None:
                 feed = self._feeds[job_id] = _Feed()
                 if self._pubsub is None:
-                    self._pubsub = aioredis.from_url(self.url).pubsub(ignore_subscribe_messages=True)
+                    self._pubsub = async_redis_client(self.url).pubsub(ignore_subscribe_messages=True)
                 await self._pubsub.subscribe(self.channel_of(job_id))
             feed.followers.add(woken)
             if self._reader is None or self._reader.done():
@@ -201,7 +201,7 @@ class JobEvents:
                 await self._pubsub.aclose()
             except (RedisError, OSError):
                 pass
-            self._pubsub = aioredis.from_url(self.url).pubsub(ignore_subscribe_messages=True)
+            self._pubsub = async_redis_client(self.url).pubsub(ignore_subscribe_messages=True)
             try:
                 if self._feeds:
                     await self._pubsub.subscribe(*(self.channel_of(j) for j in self._feeds))

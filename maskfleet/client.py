@@ -8,6 +8,7 @@ module never imports the task's code.
 """
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from functools import lru_cache
@@ -43,9 +44,11 @@ class JobFailed(RuntimeError):
 
 @lru_cache(maxsize=8)
 def _app(broker_url: str | None) -> Celery:
+    """The app for `broker_url` (broker and result backend), every other setting from the environment."""
     if broker_url is None:
         return app_for(load_settings())
-    return app_for(load_settings({"MASKFLEET_BROKER_URL": broker_url}))
+    env = {k: v for k, v in os.environ.items() if k not in ("MASKFLEET_BROKER_URL", "MASKFLEET_RESULT_BACKEND")}
+    return app_for(load_settings({**env, "MASKFLEET_BROKER_URL": broker_url}))
 
 
 class ProducerApp(Celery):

@@ -14,6 +14,7 @@ from celery.signals import celeryd_init
 
 from ..settings import unknown_variables
 from .leases import restore_interval
+from .redis_urls import celery_transport_options
 from .settings import DEFAULT_QUEUE, TASK_NAME, Settings, load_settings, model_queue
 
 
@@ -46,10 +47,12 @@ def configure(app: Celery, settings: Settings) -> None:
         # The job document as JSON text in the message, not base64 of it (a third smaller; a
         # message says its own encoding, so either kind is read).
         "body_encoding": "utf-8",
+        **celery_transport_options(settings.broker_url, settings),
     }
     app.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.result_backend,
+        result_backend_transport_options=celery_transport_options(settings.result_backend, settings),
         # JSON only: a worker never unpickles what a producer sent.
         task_serializer="json",
         result_serializer="json",

@@ -40,12 +40,12 @@ from typing import Any, Iterable
 import redis
 from celery.signals import worker_ready, worker_shutdown
 
+from .redis_urls import REDIS_SCHEMES, redis_client, scheme
 from .settings import load_settings
 
 log = logging.getLogger(__name__)
 
 UNACKED_INDEX_KEY = "unacked_index"  # kombu's default; we never set `unacked_index_key`
-REDIS_SCHEMES = ("redis", "rediss")
 
 
 def heartbeat_interval(lease_seconds: int) -> float:
@@ -100,8 +100,8 @@ class LeaseHeartbeat:
     """A daemon thread in the worker's main process refreshing the leases of what it holds."""
 
     def __init__(self, broker_url: str, lease_seconds: int, worker_state: Any):
-        self.client = redis.Redis.from_url(broker_url, socket_timeout=max(1.0, lease_seconds / 3),
-                                           socket_connect_timeout=max(1.0, lease_seconds / 3))
+        self.client = redis_client(broker_url, socket_timeout=max(1.0, lease_seconds / 3),
+                                   socket_connect_timeout=max(1.0, lease_seconds / 3))
         self.interval = heartbeat_interval(lease_seconds)
         self.worker_state = worker_state
         self._stop = threading.Event()
@@ -144,7 +144,7 @@ def _start(sender: Any = None, **_: Any) -> None:
     global _heartbeat
     app = getattr(sender, "app", None)
     url = app.conf.broker_url if app is not None else load_settings().broker_url
-    if _heartbeat is not None or url.split("://", 1)[0] not in REDIS_SCHEMES:
+    if _heartbeat is not None or scheme(url) not in REDIS_SCHEMES:
         return  # the embedded demo fleet's memory broker has no visibility timeout
     from celery.worker import state
 

@@ -78,10 +78,10 @@ class QueueDepthCollector(Collector):
     """``maskfleet_queue_depth{queue}``, read from Redis when Prometheus scrapes."""
 
     def __init__(self, redis_url: str, queues: Iterable[str]):
-        import redis
+        from .redis_urls import redis_client
 
         self.queues = list(queues)
-        self.client = redis.Redis.from_url(redis_url)
+        self.client = redis_client(redis_url)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily("maskfleet_queue_depth", "Jobs of a queue waiting in Redis or in flight (unacked)",

@@ -12,6 +12,7 @@ import os
 
 import redis
 
+from .redis_urls import redis_client
 from .settings import KEY_PREFIX, load_settings
 
 _client: tuple[int, str, redis.Redis] | None = None
@@ -37,7 +38,7 @@ def connection(url: str | None = None) -> redis.Redis:
     if url in _stores:
         return _stores[url]  # type: ignore[return-value]
     if _client is None or _client[0] != os.getpid() or _client[1] != url:
-        _client = (os.getpid(), url, redis.Redis.from_url(url))
+        _client = (os.getpid(), url, redis_client(url))
     return _client[2]
 
 

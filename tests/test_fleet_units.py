@@ -172,3 +172,21 @@ def test_progress_counts_the_jobs_steps_not_sampler_calls():
     assert [(m["step"], m["total"], m["sampler"]) for m in metas[:4]] == [(1, 10, "base"), (1, 10, "mask"),
                                                                           (2, 10, "base"), (2, 10, "mask")]
     assert (metas[-1]["step"], metas[-1]["total"], metas[-1]["sampler"]) == (10, 10, "mask")
+
+
+def test_sentinel_urls_give_the_sentinels_the_master_and_celery_options():
+    from maskfleet.tasks import redis_urls
+
+    url = "sentinel://:pw%40x@10.0.0.1:26379/2;sentinel://:pw%40x@10.0.0.2;sentinel://:pw%40x@10.0.0.3:26380/2"
+    sentinels, master = redis_urls._sentinel_parts(url)
+    assert sentinels == [("10.0.0.1", 26379), ("10.0.0.2", 26379), ("10.0.0.3", 26380)]
+    assert master == {"db": 2, "password": "pw@x"}
+    settings = load_settings({"MASKFLEET_BROKER_URL": url, "MASKFLEET_SENTINEL_MASTER": "fleet",
+                              "MASKFLEET_SENTINEL_PASSWORD": "s3cret"})
+    assert redis_urls.celery_transport_options(url, settings) == {"master_name": "fleet",
+                                                                    "sentinel_kwargs": {"password": "s3cret"}}
+    assert redis_urls.celery_transport_options("redis://h:6379/0", settings) == {}
+    with pytest.raises(ValueError, match="sentinel://"):
+        redis_urls._sentinel_parts("sentinel://h:26379;redis://h:6379")
+    client = redis_urls.redis_client(url, settings)  # no connection until a command
+    assert client.connection_pool.service_name == "fleet"
