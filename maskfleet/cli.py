@@ -182,7 +182,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .worker.launcher import run_workers, worker_queues, worker_specs
 
     served = [m.strip() for m in args.models_served.split(",") if m.strip()] if args.models_served else None
-    specs = worker_specs(args.device, worker_queues(served), args.concurrency, args.loglevel)
+    extra = args.celery_args[1:] if args.celery_args[:1] == ["--"] else args.celery_args
+    specs = worker_specs(args.device, worker_queues(served), args.concurrency, args.loglevel, extra)
     for spec in specs:
         print(f"[maskfleet] starting {spec.name} on queues {spec.argv[spec.argv.index('-Q') + 1]}", file=sys.stderr)
     return run_workers(specs)
@@ -283,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPUs if any)")
     worker.add_argument("--concurrency", type=int, default=1, help="pool processes per worker (default: 1; a pipelined worker, MASKFLEET_PIPELINE=1, runs 2 x MASKFLEET_BATCH_JOBS job threads instead)")
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("celery_args", nargs=argparse.REMAINDER,
+                        help="after --: options for every `celery worker` (for example -- --autoscale=2,1 or "
+                             "--without-heartbeat), given last so they win over ours; Celery settings go in "
+                             "MASKFLEET_CELERY_OPTIONS")
     worker.set_defaults(func=cmd_worker)
 
     gateway = sub.add_parser("gateway", help="serve the HTTP API (submit, watch, cancel jobs from any language)",

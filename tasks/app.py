@@ -13,7 +13,7 @@ from celery import Celery
 from celery.signals import celeryd_init
 
 from ..settings import unknown_variables
-from .leases import restore_interval
+from .leases import poll_interval, restore_interval
 from .redis_urls import celery_transport_options
 from .settings import DEFAULT_QUEUE, TASK_NAME, Settings, load_settings, model_queue
 
@@ -44,6 +44,8 @@ def configure(app: Celery, settings: Settings) -> None:
         "visibility_timeout": settings.visibility_timeout,
         "unacked_restore_interval": restore_interval(settings.lease_seconds),
         "unacked_restore_throttle": 1,
+        # An idle worker sends BRPOP every few seconds, not every second (leases.poll_interval).
+        "polling_interval": poll_interval(settings.lease_seconds),
         # The job document as JSON text in the message, not base64 of it (a third smaller; a
         # message says its own encoding, so either kind is read).
         "body_encoding": "utf-8",

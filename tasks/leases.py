@@ -53,6 +53,12 @@ def heartbeat_interval(lease_seconds: int) -> float:
     return min(5.0, max(0.25, lease_seconds / 6))
 
 
+def poll_interval(lease_seconds: int) -> float:
+    """How long an idle worker's BRPOP waits before it is sent again (kombu's default: 1 s); a
+    job arriving ends it at once, so this only sets the idle cost and is kept under the lease."""
+    return heartbeat_interval(lease_seconds)
+
+
 def restore_interval(lease_seconds: int) -> int:
     """How often kombu sweeps for expired leases: a third of the lease, 1..10 s."""
     return max(1, min(10, lease_seconds // 3))
@@ -117,10 +123,8 @@ class LeaseHeartbeat:
         self._thread.join(self.interval + 1)
 
     def beat(self) -> int:
-        tags = held_delivery_tags(self.worker_state)
-        if not tags:
-            self.client.ping()  # holding nothing: still learn whether Redis answers (for the log)
-        return refresh_leases(self.client, tags)
+        # Holding nothing costs no command: an idle worker's only traffic is its BRPOP.
+        return refresh_leases(self.client, held_delivery_tags(self.worker_state))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -74,6 +74,8 @@ def test_launcher_plans_one_cpu_worker_or_one_per_gpu(monkeypatch):
     assert gpus[1].env["CUDA_VISIBLE_DEVICES"] == "1" and gpus[1].env["MASKFLEET_DEVICE"] == "cuda"
     assert gpus[0].argv[gpus[0].argv.index("-Q") + 1] == "maskfleet.model.a"
     assert launcher.worker_queues(["a", "b"]) == ["maskfleet.model.a", "maskfleet.model.b"]
+    [flagged] = launcher.worker_specs("cpu", ["q"], celery_args=["--prefetch-multiplier=4"])
+    assert flagged.argv[-1] == "--prefetch-multiplier=4" and "--without-heartbeat" in flagged.argv  # ours, then theirs
 
 
 def test_launcher_default_queues_cover_the_local_store(tmp_path, monkeypatch):
@@ -190,3 +192,18 @@ def test_sentinel_urls_give_the_sentinels_the_master_and_celery_options():
         redis_urls._sentinel_parts("sentinel://h:26379;redis://h:6379")
     client = redis_urls.redis_client(url, settings)  # no connection until a command
     assert client.connection_pool.service_name == "fleet"
+
+
+def test_operators_options_win_and_task_events_follow_the_switch():
+    from celery import Celery
+
+    from maskfleet.tasks.app import configure
+
+    app = Celery("t")
+    configure(app, load_settings({"MASKFLEET_CELERY_OPTIONS": '{"worker_prefetch_multiplier": 7, "result_extended": true}'}))
+    assert app.conf.worker_prefetch_multiplier == 7 and app.conf.result_extended is True
+    assert app.conf.worker_send_task_events is False and app.conf.task_send_sent_event is False
+    configure(app, load_settings({"MASKFLEET_MONITOR_EVENTS": "1"}))
+    assert app.conf.worker_send_task_events is True and app.conf.task_send_sent_event is True
+    assert app.conf.worker_prefetch_multiplier == 1
+    assert launcher.peer_flags(load_settings({"MASKFLEET_MONITOR_EVENTS": "1"})) == ["--without-mingle", "--without-gossip"]

@@ -72,7 +72,9 @@ def peer_flags(settings) -> list[str]:
     return flags if settings.monitor_events else [*flags, "--without-heartbeat"]
 
 
-def worker_specs(device: str, queues: list[str], concurrency: int = 1, loglevel: str = "INFO") -> list[WorkerSpec]:
+def worker_specs(device: str, queues: list[str], concurrency: int = 1, loglevel: str = "INFO",
+                 celery_args: list[str] | None = None) -> list[WorkerSpec]:
+    """One spec per GPU (or one on the CPU); `celery_args` go to every `celery worker` last, so they win."""
     host = socket.gethostname()
     gpus = visible_gpus() if device in ("auto", "cuda") else []
     if device == "cuda" and not gpus:
@@ -85,7 +87,8 @@ def worker_specs(device: str, queues: list[str], concurrency: int = 1, loglevel:
     for suffix, extra in slots:
         name = f"maskfleet@{host}-{suffix}"
         argv = [sys.executable, "-m", "celery", "-A", "maskfleet.tasks.app", "worker", *pool,
-                "-n", name, "-Q", ",".join(queues), "--loglevel", loglevel, *peer_flags(load_settings())]
+                "-n", name, "-Q", ",".join(queues), "--loglevel", loglevel, *peer_flags(load_settings()),
+                *(celery_args or [])]
         specs.append(WorkerSpec(name, {**os.environ, **extra}, argv))
     return specs
 
