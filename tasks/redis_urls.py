@@ -50,31 +50,30 @@ def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     return [(p.hostname, p.port or SENTINEL_PORT) for p in parts], master  # type: ignore[misc]
 
 
-def _sentinel_kwargs(settings: Settings, socket: dict[str, Any]) -> dict[str, Any]:
-    kwargs = {k: v for k, v in socket.items() if k.startswith("socket_")}
+def _sentinel_setup(url: str, settings: Settings | None, kwargs: dict[str, Any]) -> tuple[list, dict, dict, str]:
+    """(sentinels, the sentinels' connection arguments, the master's, the master's name) for a Sentinel URL."""
+    settings = settings or load_settings()
+    sentinels, master = _sentinel_parts(url)
+    own = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
     if settings.sentinel_password:
-        kwargs["password"] = settings.sentinel_password
-    return kwargs
+        own["password"] = settings.sentinel_password
+    return sentinels, own, {**master, **kwargs}, settings.sentinel_master
 
 
 def redis_client(url: str, settings: Settings | None = None, **kwargs: Any) -> redis.Redis:
     """A client of `url`; for a Sentinel URL, of its current master (`kwargs`: redis-py connection options)."""
     if not is_sentinel(url):
         return redis.Redis.from_url(url, **kwargs)
-    settings = settings or load_settings()
-    sentinels, master = _sentinel_parts(url)
-    sentinel = Sentinel(sentinels, sentinel_kwargs=_sentinel_kwargs(settings, kwargs), **kwargs)
-    return sentinel.master_for(settings.sentinel_master, **master, **kwargs)
+    sentinels, own, master, name = _sentinel_setup(url, settings, kwargs)
+    return Sentinel(sentinels, sentinel_kwargs=own, **kwargs).master_for(name, **master)
 
 
 def async_redis_client(url: str, settings: Settings | None = None, **kwargs: Any) -> redis.asyncio.Redis:
     """The asyncio twin of `redis_client` (the gateway's subscriptions)."""
     if not is_sentinel(url):
         return redis.asyncio.from_url(url, **kwargs)
-    settings = settings or load_settings()
-    sentinels, master = _sentinel_parts(url)
-    sentinel = AsyncSentinel(sentinels, sentinel_kwargs=_sentinel_kwargs(settings, kwargs), **kwargs)
-    return sentinel.master_for(settings.sentinel_master, **master, **kwargs)
+    sentinels, own, master, name = _sentinel_setup(url, settings, kwargs)
+    return AsyncSentinel(sentinels, sentinel_kwargs=own, **kwargs).master_for(name, **master)
 
 
 def celery_transport_options(url: str, settings: Settings) -> dict[str, Any]:

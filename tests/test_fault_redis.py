@@ -35,10 +35,10 @@ import redis
 from aof_history import result_states
 from golden_jobs import make_models_dir
 from redis_server import RedisServer
-from tiny_jobs import (publish_report, completions, deliveries, file_sha256, job_from, output_path, reference_sha256,
-                       write_tiny_inputs)
+from tiny_jobs import (completions, deliveries, file_sha256, job_states, output_path, publish_report, reference_sha256,
+                       submit_batch, wait_two_running, write_tiny_inputs)
 
-from maskfleet.client import _app, submit
+from maskfleet.client import _app
 from maskfleet.tasks.settings import model_queue
 from fleet_workers import Worker
 
@@ -92,17 +92,6 @@ def broker_holds_jobs(server: RedisServer) -> bool:
     return bool(conn.hlen("unacked") or conn.llen(model_queue("tiny")))
 
 
-def states(handles) -> dict[str, str]:
-    """State of each job; None for those whose state Redis could not tell right now."""
-    found = {}
-    for handle in handles:
-        try:
-            found[handle.task_id] = handle.status()["state"]
-        except (redis.RedisError, OSError):
-            found[handle.task_id] = None
-    return found
-
-
 # On the connection loss Celery cancels the running job and stores RETRY in the (same, unreachable)
 # Redis; workers set result_backend_always_retry (tasks/app.py), so that write waits for Redis and
 # the job is redelivered after its lease. Without it Celery would store REVOKED and ack it: lost.
@@ -113,21 +102,10 @@ def test_redis_restart_mid_run_every_job_completes_once(fleet, capsys):
     (root / "out").mkdir()
     expected_sha = reference_sha256(template, root / "reference.latent", fleet["models"])
 
-    stamp = time.time_ns()
-    jobs = [job_from(template, f"before-{stamp}-{i:02d}", root / "out" / f"before{i:02d}.latent")
-            for i in range(FIRST_BATCH)]
-    handles = [submit(job, broker_url=url) for job in jobs]
-    assert all(h.submitted for h in handles)
-
+    jobs, handles = submit_batch(template, root / "out", "before", FIRST_BATCH, url)
     # Wait for both workers to be running a job (one at least sampling) while the others wait in the queue.
-    end = time.monotonic() + 120
-    while True:
-        now = states(handles)
-        running = [t for t, s in now.items() if s in ("STARTED", "PROGRESS")]
-        sampling = [t for t, s in now.items() if s == "PROGRESS"]
-        if (len(running) >= 2 and sampling) or time.monotonic() > end:
-            break
-        time.sleep(0.05)
+    now = wait_two_running(handles)
+    sampling = [t for t, s in now.items() if s == "PROGRESS"]
     queued = [t for t, s in now.items() if s == "PENDING"]
     at_restart = dict(now)
     assert len(sampling) >= 1 and len(queued) >= 3, now
@@ -153,10 +131,7 @@ def test_redis_restart_mid_run_every_job_completes_once(fleet, capsys):
     reconnected_s = time.monotonic() - up_at
     assert answered == set(names), f"not reconnected after 60 s: {set(names) - answered}"
 
-    later = [job_from(template, f"after-{stamp}-{i:02d}", root / "out" / f"after{i:02d}.latent")
-             for i in range(SECOND_BATCH)]
-    later_handles = [submit(job, broker_url=url) for job in later]
-    assert all(h.submitted for h in later_handles)
+    later, later_handles = submit_batch(template, root / "out", "after", SECOND_BATCH, url)
     jobs += later
     handles += later_handles
 
@@ -169,7 +144,7 @@ def test_redis_restart_mid_run_every_job_completes_once(fleet, capsys):
     wrong: dict[str, dict] = {}
     end = time.monotonic() + DEADLINE_S
     while time.monotonic() < end:
-        now = states(handles)
+        now = job_states(handles)
         for handle, job in zip(handles, jobs):
             job_id = job["job_id"]
             state = now[job_id]

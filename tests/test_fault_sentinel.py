@@ -19,12 +19,12 @@ from __future__ import annotations
 import time
 
 import pytest
-import redis
 from golden_jobs import make_models_dir
 from sentinel_servers import SentinelDeployment
-from tiny_jobs import completions, file_sha256, job_from, output_path, publish_report, reference_sha256, write_tiny_inputs
+from tiny_jobs import (completions, file_sha256, job_states, output_path, publish_report, reference_sha256, submit_batch,
+                       wait_two_running, write_tiny_inputs)
 
-from maskfleet.client import _app, submit
+from maskfleet.client import _app
 from maskfleet.tasks.settings import model_queue
 from fleet_workers import Worker
 
@@ -59,17 +59,6 @@ def fleet(tmp_path, monkeypatch):
         deployment.stop()
 
 
-def states(handles) -> dict[str, str | None]:
-    """State of each job; None for those whose state Redis could not tell right now."""
-    found: dict[str, str | None] = {}
-    for handle in handles:
-        try:
-            found[handle.task_id] = handle.status()["state"]
-        except (redis.RedisError, OSError):
-            found[handle.task_id] = None
-    return found
-
-
 def test_master_killed_the_replica_takes_over_and_every_job_completes_once(fleet, capsys):
     root, url, deployment, workers = fleet["root"], fleet["url"], fleet["deployment"], fleet["workers"]
     template = write_tiny_inputs(root / "inputs", size=16)
@@ -77,20 +66,9 @@ def test_master_killed_the_replica_takes_over_and_every_job_completes_once(fleet
     (root / "out").mkdir()
     expected_sha = reference_sha256(template, root / "reference.latent", fleet["models"])
 
-    stamp = time.time_ns()
-    jobs = [job_from(template, f"before-{stamp}-{i:02d}", root / "out" / f"before{i:02d}.latent")
-            for i in range(FIRST_BATCH)]
-    handles = [submit(job, broker_url=url) for job in jobs]
-    assert all(h.submitted for h in handles)
-
-    end = time.monotonic() + 120
-    while True:  # both workers running a job, one at least sampling
-        now = states(handles)
-        running = [t for t, s in now.items() if s in ("STARTED", "PROGRESS")]
-        if (len(running) >= 2 and "PROGRESS" in now.values()) or time.monotonic() > end:
-            break
-        time.sleep(0.05)
-    assert len(running) >= 2, now
+    jobs, handles = submit_batch(template, root / "out", "before", FIRST_BATCH, url)
+    now = wait_two_running(handles)
+    assert len([s for s in now.values() if s in ("STARTED", "PROGRESS")]) >= 2, now
     deployment.wait_replicated()
 
     old_master = deployment.master.port
@@ -99,22 +77,19 @@ def test_master_killed_the_replica_takes_over_and_every_job_completes_once(fleet
     promoted_s = deployment.wait_promoted()
     assert deployment.master_port() != old_master
 
-    later = [job_from(template, f"after-{stamp}-{i:02d}", root / "out" / f"after{i:02d}.latent")
-             for i in range(SECOND_BATCH)]
-    later_handles = [submit(job, broker_url=url) for job in later]
-    assert all(h.submitted for h in later_handles)
+    later, later_handles = submit_batch(template, root / "out", "after", SECOND_BATCH, url)
     jobs += later
     handles += later_handles
 
     finished_at: dict[str, float] = {}
     end = time.monotonic() + DEADLINE_S
     while len(finished_at) < len(jobs) and time.monotonic() < end:
-        for job_id, state in states(handles).items():
+        for job_id, state in job_states(handles).items():
             if state == "SUCCESS" and job_id not in finished_at:
                 finished_at[job_id] = time.monotonic()
             assert state not in ("FAILURE", "REVOKED"), (job_id, state)
         time.sleep(0.1)
-    assert set(finished_at) == {job["job_id"] for job in jobs}, ("jobs lost", states(handles))
+    assert set(finished_at) == {job["job_id"] for job in jobs}, ("jobs lost", job_states(handles))
 
     for job in jobs:
         assert file_sha256(output_path(job)) == expected_sha, job["job_id"]

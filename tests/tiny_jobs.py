@@ -15,6 +15,7 @@ completed, and the number of lines counts the successes Celery reported.
 from __future__ import annotations
 
 import hashlib
+import time
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -93,3 +94,38 @@ def reference_sha256(template: dict, path: Path, models: Path) -> str:
     finally:
         torch.set_num_threads(threads)
     return file_sha256(path)
+
+
+def job_states(handles) -> dict[str, str | None]:
+    """State of each job; None for those whose state Redis could not tell right now (it is away)."""
+    import redis
+
+    found: dict[str, str | None] = {}
+    for handle in handles:
+        try:
+            found[handle.task_id] = handle.status()["state"]
+        except (redis.RedisError, OSError):
+            found[handle.task_id] = None
+    return found
+
+
+def submit_batch(template: dict, out: Path, name: str, count: int, url: str) -> tuple[list[dict], list]:
+    """`count` jobs named `name`-<ns>-<i>, their outputs under `out`, submitted; (jobs, handles)."""
+    from maskfleet.client import submit
+
+    stamp = time.time_ns()
+    jobs = [job_from(template, f"{name}-{stamp}-{i:02d}", out / f"{name}{i:02d}.latent") for i in range(count)]
+    handles = [submit(job, broker_url=url) for job in jobs]
+    assert all(h.submitted for h in handles)
+    return jobs, handles
+
+
+def wait_two_running(handles, deadline_s: float = 120.0) -> dict[str, str | None]:
+    """The jobs' states once two of them run and one at least samples (or the deadline passed)."""
+    end = time.monotonic() + deadline_s
+    while True:
+        now = job_states(handles)
+        running = [s for s in now.values() if s in ("STARTED", "PROGRESS")]
+        if (len(running) >= 2 and "PROGRESS" in running) or time.monotonic() > end:
+            return now
+        time.sleep(0.05)
