@@ -2,7 +2,8 @@
 
 The loop calls its progress hook after every sampler call (thousands per job on fast
 GPUs); each update is a Redis write (two commands, task_state.py), so at most one per
-MASKFLEET_PROGRESS_SECONDS goes out, plus always the first and the last. Each update that goes out sets the PROGRESS state and is handed
+MASKFLEET_PROGRESS_SECONDS goes out, plus always the first and the last. Each update
+that goes out sets the PROGRESS state and is handed
 to every subscriber (status_events.py subscribes to send progress webhooks), so one
 throttle feeds every status channel and the loop pays for one.
 """

@@ -57,7 +57,7 @@ def _sentinel_setup(url: str, settings: Settings | None, kwargs: dict[str, Any])
     own = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
     if settings.sentinel_password:
         own["password"] = settings.sentinel_password
-    return sentinels, own, {**master, **kwargs}, settings.sentinel_master
+    return sentinels, own, master, settings.sentinel_master  # `kwargs` reach the master through Sentinel(**kwargs)
 
 
 def redis_client(url: str, settings: Settings | None = None, **kwargs: Any) -> redis.Redis:

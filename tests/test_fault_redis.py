@@ -105,6 +105,7 @@ def test_redis_restart_mid_run_every_job_completes_once(fleet, capsys):
     jobs, handles = submit_batch(template, root / "out", "before", FIRST_BATCH, url)
     # Wait for both workers to be running a job (one at least sampling) while the others wait in the queue.
     now = wait_two_running(handles)
+    running = [t for t, s in now.items() if s in ("STARTED", "PROGRESS")]
     sampling = [t for t, s in now.items() if s == "PROGRESS"]
     queued = [t for t, s in now.items() if s == "PENDING"]
     at_restart = dict(now)
