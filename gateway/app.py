@@ -48,12 +48,19 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
     else:
         keys = load_keys(settings.api_keys_file)
     desk = JobDesk(settings)
-    events = JobEvents(settings.result_backend, lambda job_id: desk.app.backend.get_key_for_task(job_id).decode(),
-                       # After the route checked the caller may see the job, its followers share one read per change.
-                       lambda job_id: run_in_threadpool(desk.view, job_id, NO_AUTH))
+    # One subscription per Redis group (MASKFLEET_BROKER_ROUTES); after the route checked the caller may see
+    # the job (which also found its group), its followers share one read per change.
+    feeds = {group: JobEvents(group_app.conf.result_backend,
+                              lambda job_id: desk.app.backend.get_key_for_task(job_id).decode(),
+                              lambda job_id: run_in_threadpool(desk.view, job_id, NO_AUTH))
+             for group, group_app in desk.apps.items()}
+
+    def events(job_id: str) -> JobEvents:
+        return feeds[desk.group_of(job_id)]
+
     app = FastAPI(title="maskfleet", version=__version__, description="Submit, watch and cancel maskfleet jobs.")
     install_error_handlers(app)
-    install_metrics(app, lambda: events.following)
+    install_metrics(app, lambda: sum(feed.following for feed in feeds.values()))
     bearer = HTTPBearer(auto_error=False, description="An API key: Authorization: Bearer <key>")
 
     def caller(scope: str):
@@ -79,7 +86,7 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
         seconds = _prefer_wait(request, settings.max_wait_seconds)
         if seconds is not None:
             if view.state not in FINISHED:
-                view = await events.wait(view.id, seconds)
+                view = await events(view.id).wait(view.id, seconds)
             response.headers["Preference-Applied"] = f"wait={seconds}"
             if view.state not in FINISHED:
                 response.status_code = 202
@@ -143,7 +150,7 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
         await run_in_threadpool(desk.view, job_id, key)  # 404 before the stream starts
 
         last = int(last_event_id) if last_event_id is not None and last_event_id.isdigit() else -1
-        return StreamingResponse(events.follow(job_id, last), media_type="text/event-stream",
+        return StreamingResponse(events(job_id).follow(job_id, last), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/healthz")

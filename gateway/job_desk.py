@@ -9,6 +9,7 @@ sent by other means (no record, or no owner) are visible to admin keys only.
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import redis
@@ -16,6 +17,7 @@ import redis
 from ..client import JobHandle, UnknownJob, app_for, submit
 from ..job import Job, JobError
 from ..settings import Settings
+from ..tasks.broker_routes import group_urls, route_url, routed
 from ..tasks.idempotency import job_digest, submission_record
 from ..tasks.queue_depth import queue_depth
 from ..tasks.redis_urls import redis_client
@@ -25,38 +27,47 @@ from .errors import ApiError
 from .job_views import FINISHED, JobView, job_view
 
 RETRY_AFTER_SECONDS = 10  # what a 429 asks a producer to wait before trying again
+REMEMBERED_JOBS = 65536  # job ids whose group the desk keeps (the SSE streams find their Redis by it)
 
 
 class JobDesk:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.app = app_for(settings)
-        self.backend = self.app.conf.result_backend
-        self.broker = redis_client(settings.broker_url, settings)
+        # One producer app per Redis group (MASKFLEET_BROKER_ROUTES: broker_routes.py), the default group's first.
+        self.apps = {group: app_for(routed(settings, group)) for group in group_urls(settings)}
+        self.app = self.apps[None]
+        self.brokers = {group: redis_client(app.conf.broker_url, settings) for group, app in self.apps.items()}
+        self._groups: OrderedDict[str, str | None] = OrderedDict()  # job id -> its group, the latest found
 
     def submit(self, job: Job, key: ApiKey) -> tuple[bool, JobView]:
         """(created, view): a new job is sent; the same job_id with the same document is the existing job."""
         if job.job_id is None:
             job = job.model_copy(update={"job_id": str(uuid.uuid4())})
-        record = submission_record(job.job_id, self.backend)
+        _, record = self._find(job.job_id)
         if record is not None:
             return False, self._repeat(job, record, key)
         self._check_storage(job)
-        self._check_room(model_queue(job.base_sampler.model))
+        group = route_url(self.settings, job.base_sampler.model)
+        self._check_room(group, model_queue(job.base_sampler.model))
         try:
-            handle = submit(job, app=self.app, owner=key.name)
+            handle = submit(job, app=self.apps[group], owner=key.name)
         except JobError as e:  # time_limit over the maximum, a callback the policy refuses
             raise ApiError(422, "InvalidJob", str(e)) from None
+        self._remember(job.job_id, group)
         if not handle.submitted:  # another request with this id won the claim meanwhile
-            return False, self._repeat(job, submission_record(job.job_id, self.backend) or {}, key)
+            return False, self._repeat(job, self._find(job.job_id)[1] or {}, key)
         return True, self.view(job.job_id, key)
 
     def view(self, job_id: str, key: ApiKey) -> JobView:
-        record = submission_record(job_id, self.backend)
-        status = JobHandle(job_id, self.app).status()
+        group, record = self._find(job_id)
+        status = JobHandle(job_id, self.apps[group]).status()
         if not self._visible(record, key) or (record is None and status["state"] == "PENDING"):
             raise ApiError(404, "NotFound", f"no job {job_id!r}")
         return job_view(status, record)
+
+    def group_of(self, job_id: str) -> str | None:
+        """The group of a job this desk has looked up or sent (the default group's None otherwise)."""
+        return self._groups.get(job_id)
 
     def cancel(self, job_id: str, key: ApiKey) -> tuple[str, JobView]:
         """(what it was: queued or running, the job after the request); 409 for a job that already ended."""
@@ -64,18 +75,19 @@ class JobDesk:
         if before.state in FINISHED:
             raise ApiError(409, "AlreadyFinished", f"job {job_id!r} already {before.state}")
         try:
-            JobHandle(job_id, self.app).cancel()
+            JobHandle(job_id, self.apps[self.group_of(job_id)]).cancel()
         except UnknownJob as e:
             raise ApiError(404, "NotFound", str(e)) from None
         return before.state, self.view(job_id, key)
 
     def ready(self) -> dict[str, Any]:
-        """What /readyz checks: the broker's Redis answers (and the result backend's, when set apart); with uploads
-        on, their bucket answers too."""
+        """What /readyz checks: every group's broker Redis answers (and the result backend's, when set apart); with
+        uploads on, their bucket answers too."""
         try:
-            self.broker.ping()
-            if self.backend != self.settings.broker_url:
-                redis_client(self.backend, self.settings).ping()
+            for group, app in self.apps.items():
+                self.brokers[group].ping()
+                if app.conf.result_backend != app.conf.broker_url:
+                    redis_client(app.conf.result_backend, self.settings).ping()
         except redis.RedisError as e:
             raise ApiError(503, "NotReady", f"Redis does not answer: {e}") from None
         if self.settings.upload_prefix is None:
@@ -107,11 +119,27 @@ class JobDesk:
                 raise ApiError(422, "InvalidJob", f"{field}: {uri[:80]!r} is a local path; jobs sent to the gateway name "
                                                   "s3:// objects (POST /v1/uploads gives upload URLs)")
 
-    def _check_room(self, queue: str) -> None:
+    def _find(self, job_id: str) -> tuple[str | None, dict | None]:
+        """(its group, its submission record): each group's Redis asked, the one it was last found in first."""
+        known = self._groups.get(job_id)
+        for group in [known, *(g for g in self.apps if g != known)]:
+            record = submission_record(job_id, self.apps[group].conf.result_backend)
+            if record is not None:
+                self._remember(job_id, group)
+                return group, record
+        return known, None
+
+    def _remember(self, job_id: str, group: str | None) -> None:
+        self._groups[job_id] = group
+        self._groups.move_to_end(job_id)
+        while len(self._groups) > REMEMBERED_JOBS:
+            self._groups.popitem(last=False)
+
+    def _check_room(self, group: str | None, queue: str) -> None:
         limit = self.settings.max_queue_depth
         if limit is None:
             return
-        depth = queue_depth(self.broker, queue)
+        depth = queue_depth(self.brokers[group], queue)
         if depth >= limit:
             raise ApiError(429, "QueueFull", f"queue {queue} holds {depth} jobs (MASKFLEET_MAX_QUEUE_DEPTH={limit}); "
                                              f"try again in {RETRY_AFTER_SECONDS} s",

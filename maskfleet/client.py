@@ -1,7 +1,8 @@
 """The producer's client: submit a job to the fleet, follow it, wait for it, cancel it.
 
-Needs only the broker URL (MASKFLEET_BROKER_URL, or `broker_url=`); no model, GPU or
-storage access. Jobs are checked locally first (the same pydantic model the worker
+Needs only the broker URL (MASKFLEET_BROKER_URL, or `broker_url=`), and the routes of
+models kept on other Redis deployments (MASKFLEET_BROKER_ROUTES, tasks/broker_routes.py);
+no model, GPU or storage access. Jobs are checked locally first (the same pydantic model the worker
 uses, plus `time_limit` against MASKFLEET_MAX_JOB_SECONDS and `callback.url` against
 the callback policy, as the worker checks them again), then sent by name, so this
 module never imports the task's code.
@@ -19,7 +20,9 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from .job import Job, JobError, parse_job
+from .settings import PREFIX
 from .tasks.app import app as default_app, configure
+from .tasks.broker_routes import group_urls, route_url
 from .tasks.callback_policy import check_callback_url
 from .tasks.cancellation import request_cancel
 from .tasks.idempotency import claim_submission, job_digest, submission_record, was_submitted
@@ -42,13 +45,19 @@ class JobFailed(RuntimeError):
         self.message = message
 
 
-@lru_cache(maxsize=8)
 def _app(broker_url: str | None) -> Celery:
-    """The app for `broker_url` (broker and result backend), every other setting from the environment."""
-    if broker_url is None:
-        return app_for(load_settings())
-    env = {k: v for k, v in os.environ.items() if k not in ("MASKFLEET_BROKER_URL", "MASKFLEET_RESULT_BACKEND")}
-    return app_for(load_settings({**env, "MASKFLEET_BROKER_URL": broker_url}))
+    """The app for `broker_url` (broker and result backend), every other setting from the environment;
+    None: the environment's own broker and result backend. Made once per distinct environment."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(PREFIX)}
+    if broker_url is not None:
+        env = {k: v for k, v in env.items() if k not in ("MASKFLEET_BROKER_URL", "MASKFLEET_RESULT_BACKEND")}
+        env["MASKFLEET_BROKER_URL"] = broker_url
+    return _app_of(tuple(sorted(env.items())))
+
+
+@lru_cache(maxsize=8)
+def _app_of(env: tuple[tuple[str, str], ...]) -> Celery:
+    return app_for(load_settings(dict(env)))
 
 
 class ProducerApp(Celery):
@@ -63,6 +72,22 @@ class ProducerApp(Celery):
         backend = super()._get_backend()
         backend.on_task_call = _no_subscription
         return backend
+
+
+def app_for_model(model: str) -> Celery:
+    """The app of `model`'s group: its route in MASKFLEET_BROKER_ROUTES, else the environment's broker."""
+    return _app(route_url(load_settings(), model))
+
+
+def locate(task_id: str) -> Celery:
+    """The app of the group whose Redis holds `task_id`'s submission record (the default group when none does)."""
+    urls = group_urls(load_settings())
+    if len(urls) > 1:
+        for url in urls:
+            app = _app(url)
+            if was_submitted(task_id, app.conf.result_backend):
+                return app
+    return _app(None)
 
 
 def _no_subscription(producer: Any, task_id: str) -> None:
@@ -141,7 +166,7 @@ def submit(job: dict | str | bytes | Job, *, broker_url: str | None = None, queu
 
     The task id is the job_id when there is one. `queue` overrides the route by model.
     `owner` (the HTTP gateway's API key name) is kept in the submission record; `app` (`app_for(settings)`)
-    replaces `broker_url`.
+    replaces `broker_url`. Without either, the job goes to its model's Redis (MASKFLEET_BROKER_ROUTES).
     JobError (a ValueError) names the field when the job is bad, its `time_limit` exceeds
     this environment's MASKFLEET_MAX_JOB_SECONDS, or its `callback.url` is refused by the
     callback policy (MASKFLEET_CALLBACK_ALLOWLIST here); nothing is sent then.
@@ -159,7 +184,7 @@ def submit(job: dict | str | bytes | Job, *, broker_url: str | None = None, queu
             check_callback_url(parsed.callback.url)
     except ValueError as e:
         raise JobError(str(e)) from None
-    app = app or _app(broker_url)
+    app = app or (_app(broker_url) if broker_url else app_for_model(parsed.base_sampler.model))
     # A job without a job_id is claimed under a fresh id too: the claim is the first call to
     # Redis, so a wrong password or an unreachable Redis fails here at once and clearly
     # (Celery's own first contact retries for about 20 s, then says little).
@@ -176,5 +201,6 @@ def submit(job: dict | str | bytes | Job, *, broker_url: str | None = None, queu
 
 
 def handle(task_id: str, *, broker_url: str | None = None) -> JobHandle:
-    """A handle on a job submitted earlier (by its task id, the job_id when one was given)."""
-    return JobHandle(task_id, _app(broker_url))
+    """A handle on a job submitted earlier (by its task id, the job_id when one was given); without
+    `broker_url`, on the Redis that holds its submission record (MASKFLEET_BROKER_ROUTES)."""
+    return JobHandle(task_id, _app(broker_url) if broker_url else locate(task_id))

@@ -16,6 +16,7 @@ from typing import Any, Literal, Mapping, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError, field_validator, model_validator
 
 PREFIX = "MASKFLEET_"
+REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel")  # what a broker, result backend or route URL may be
 EMPTY_IS_A_VALUE = frozenset({"allowed_roots"})
 
 
@@ -27,6 +28,7 @@ class Settings(BaseModel):
     # -- broker, results, limits (producers and workers must agree on these)
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker: redis:// or rediss:// (password in the URL), or Redis Sentinel as sentinel://[:password@]host:port[/db] URLs joined by `;`, one per sentinel (docs/scaling.md).")
     result_backend: str = Field("", description="Celery result backend, where our own keys live too; default: the broker URL.")
+    broker_routes: Json[dict[str, str]] = Field({}, description="Model groups on Redis deployments of their own: a JSON object from a model name or pattern (`sdxl-*`, fnmatch) to a Redis URL, the broker and result backend of those models' jobs; the first match wins, an exact name before any pattern; unmatched models use MASKFLEET_BROKER_URL. Producers, workers and the gateway must share it (docs/scaling.md).")
     sentinel_master: str = Field("mymaster", description="The master name the sentinels monitor (sentinel:// URLs only).")
     sentinel_password: str | None = Field(None, repr=False, description="The sentinels' own password, when they have one (the master's is in the URL).")
     max_job_seconds: int = Field(3600, ge=1, description="Hard time limit of a job (seconds); the soft limit and `time_limit` caps derive from it.")
@@ -90,6 +92,16 @@ class Settings(BaseModel):
             values = {**values, "result_backend": values.get("broker_url") or cls.model_fields["broker_url"].default}
         return values
 
+    @field_validator("broker_routes")
+    @classmethod
+    def _routes_name_redis(cls, routes: dict[str, str]) -> dict[str, str]:
+        for pattern, url in routes.items():
+            if not pattern.strip():
+                raise ValueError("a route's model pattern is empty")
+            if url.split("://", 1)[0].lower() not in REDIS_SCHEMES or "://" not in url:
+                raise ValueError(f"the route of {pattern!r} is no Redis URL ({', '.join(s + '://' for s in REDIS_SCHEMES)})")
+        return routes
+
     @model_validator(mode="after")
     def _batching_needs_the_pipeline(self) -> "Settings":
         if self.batch_jobs > 1 and not self.pipeline:
@@ -141,6 +153,8 @@ def _reason(error: dict) -> str:
         return "expected a JSON object"
     if kind == "json_invalid":
         return f"not JSON ({ctx.get('error', error['msg'])})"
+    if kind == "value_error":
+        return str(ctx.get("error") or error["msg"])
     if kind == "literal_error":
         return "expected one of " + ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
     return error["msg"]

@@ -15,7 +15,8 @@ import redis
 from .redis_urls import redis_client
 from .settings import KEY_PREFIX, load_settings
 
-_client: tuple[int, str, redis.Redis] | None = None
+_clients: dict[tuple[int, str], redis.Redis] = {}  # (process id, URL) -> its client, the oldest first
+MAX_CLIENTS = 16
 _stores: dict[str, object] = {}  # URL -> a stand-in with the same few calls (the embedded fleet's dict)
 
 
@@ -28,18 +29,24 @@ def register_store(url: str, store: object | None) -> None:
 
 
 def connection(url: str | None = None) -> redis.Redis:
-    """A client for `url` or the result backend's Redis (the broker's by default), made once per process.
+    """A client for `url` or the result backend's Redis (the broker's by default), made once per process and URL.
 
-    Rebuilt after a fork (a prefork child must not share its parent's sockets) or when the
-    URL in the environment changed. A URL given to `register_store` gets that store.
+    Made again after a fork (a prefork child must not share its parent's sockets); a producer
+    whose models are routed to several Redis deployments (broker_routes.py) keeps one per
+    deployment. A URL given to `register_store` gets that store.
     """
-    global _client
     url = url or load_settings().result_backend
     if url in _stores:
         return _stores[url]  # type: ignore[return-value]
-    if _client is None or _client[0] != os.getpid() or _client[1] != url:
-        _client = (os.getpid(), url, redis_client(url))
-    return _client[2]
+    key = (os.getpid(), url)
+    client = _clients.get(key)
+    if client is None:
+        if any(pid != key[0] for pid, _ in _clients):  # forked: the parent's clients are not ours to use
+            _clients.clear()
+        while len(_clients) >= MAX_CLIENTS:
+            _clients.pop(next(iter(_clients))).close()
+        client = _clients[key] = redis_client(url)
+    return client
 
 
 def submitted_key(job_id: str) -> str:

@@ -12,6 +12,7 @@ get the same two settings as transport options (`celery_transport_options`).
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -20,11 +21,18 @@ import redis.asyncio
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.sentinel import Sentinel
 
-from ..settings import Settings, load_settings
+from ..settings import REDIS_SCHEMES, Settings, load_settings
+
+__all__ = ["REDIS_SCHEMES", "async_redis_client", "celery_transport_options", "is_sentinel", "redacted", "redis_client",
+           "scheme"]
 
 SENTINEL_SCHEME = "sentinel"
-REDIS_SCHEMES = ("redis", "rediss", "unix", SENTINEL_SCHEME)
 SENTINEL_PORT = 26379
+
+
+def redacted(url: str) -> str:
+    """`url` with each password masked, for messages and logs."""
+    return re.sub(r"://([^:@/;]*):[^@/;]*@", r"://\1:***@", url)
 
 
 def scheme(url: str) -> str:

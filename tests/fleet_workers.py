@@ -104,6 +104,45 @@ def stop_process(proc: subprocess.Popen, timeout: float) -> int:
     return proc.returncode
 
 
+def start_launcher(url: str, models: Path, log: Path, lease_seconds: int = 30, models_served: str = "tiny",
+                   extra_env: dict | None = None) -> subprocess.Popen:
+    """`maskfleet worker --models-served <models_served> --device cpu` (one Celery worker, maskfleet@<host>-cpu)."""
+    env = {**os.environ, "MASKFLEET_BROKER_URL": url, "MASKFLEET_RESULT_BACKEND": url, "MASKFLEET_MODELS": str(models),
+           "CUDA_VISIBLE_DEVICES": "", "MASKFLEET_LEASE_SECONDS": str(lease_seconds), **(extra_env or {})}
+    return subprocess.Popen([sys.executable, "-m", "maskfleet.cli", "worker", "--models-served", models_served,
+                             "--device", "cpu"],
+                            env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def worker_pids(launcher: subprocess.Popen) -> list[int]:
+    """The launcher's Celery workers: its children (each leads its own session, pool included)."""
+    try:
+        text = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(pid) for pid in text.split()]
+
+
+def wait_logged(log: Path, text: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        assert time.monotonic() < end and proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.05)
+
+
+def stop_launcher(proc: subprocess.Popen, workers: list[int]) -> None:
+    """End a launcher and every worker it started; the workers lead their own sessions, so
+    killing the launcher's group would leave them running (and consuming the next test's DB)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for pid in workers:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class Flower:
     """`python -m celery -A maskfleet.tasks.app flower` on 127.0.0.1:`port`, its API open (FLOWER_UNAUTHENTICATED_API),
     as the README runs it; `ready` once it answers and has seen a worker's heartbeat (its event capture is on)."""

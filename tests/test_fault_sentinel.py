@@ -87,7 +87,10 @@ def test_master_killed_the_replica_takes_over_and_every_job_completes_once(fleet
         for job_id, state in job_states(handles).items():
             if state == "SUCCESS" and job_id not in finished_at:
                 finished_at[job_id] = time.monotonic()
-            assert state not in ("FAILURE", "REVOKED"), (job_id, state)
+            if state in ("FAILURE", "REVOKED"):
+                failed = next(h for h in handles if h.task_id == job_id)
+                raise AssertionError(f"{job_id} ended {state}: {failed.status()['meta']}\n" +
+                                     "\n".join(w.log.read_text(errors="replace")[-4000:] for w in workers))
         time.sleep(0.1)
     assert set(finished_at) == {job["job_id"] for job in jobs}, ("jobs lost", job_states(handles))
 

@@ -14,45 +14,9 @@ from pathlib import Path
 from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
 
 from maskfleet.client import JobHandle, submit
-from fleet_workers import claim_db_url, flush, require_redis
+from fleet_workers import claim_db_url, flush, require_redis, start_launcher, stop_launcher, wait_logged, worker_pids
 
 require_redis()
-
-
-def start_launcher(url: str, models: Path, log: Path, lease_seconds: int = 30) -> subprocess.Popen:
-    env = {**os.environ, "MASKFLEET_BROKER_URL": url, "MASKFLEET_RESULT_BACKEND": url, "MASKFLEET_MODELS": str(models),
-           "CUDA_VISIBLE_DEVICES": "", "MASKFLEET_LEASE_SECONDS": str(lease_seconds)}
-    return subprocess.Popen([sys.executable, "-m", "maskfleet.cli", "worker", "--models-served", "tiny", "--device", "cpu"],
-                            env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def worker_pids(launcher: subprocess.Popen) -> list[int]:
-    """The launcher's Celery workers: its children (each leads its own session, pool included)."""
-    try:
-        text = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(pid) for pid in text.split()]
-
-
-def wait_logged(log: Path, text: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while text not in log.read_text(errors="replace"):
-        assert time.monotonic() < end and proc.poll() is None, log.read_text(errors="replace")[-3000:]
-        time.sleep(0.05)
-
-
-def stop(proc: subprocess.Popen, workers: list[int]) -> None:
-    """End a launcher and every worker it started; the workers lead their own sessions, so
-    killing the launcher's group would leave them running (and consuming the next test's DB)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    for pid in workers:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def long_job(tmp_path: Path, name: str) -> dict:
@@ -83,7 +47,7 @@ def test_sigterm_finishes_the_running_job_then_exits(tmp_path):
         assert proc.wait(60) == 0
         assert Path(job["output"][len("file://"):]).is_file()
     finally:
-        stop(proc, workers)
+        stop_launcher(proc, workers)
         flush(url)
 
 
@@ -112,7 +76,7 @@ def test_second_sigterm_stops_at_once_and_the_job_runs_on_the_next_worker(tmp_pa
         assert result["output"] == job["output"] and output.is_file()
         print(f"\ncold shutdown: worker gone {gone_in:.1f} s after the second SIGTERM; the job succeeded on the next worker")
     finally:
-        stop(first, workers)
+        stop_launcher(first, workers)
         if second is not None:
-            stop(second, workers)
+            stop_launcher(second, workers)
         flush(url)

@@ -10,7 +10,11 @@ initialising CUDA in this process.
 
 Queues: with --models-served a,b the worker takes only maskfleet.model.a and
 maskfleet.model.b. Without it, it takes the default queue `maskfleet` (jobs sent by name
-without a route) plus maskfleet.model.<name> for every model in its model store at start.
+without a route) plus maskfleet.model.<name> for every model in its model store at start
+that MASKFLEET_BROKER_ROUTES leaves on MASKFLEET_BROKER_URL. Models routed to another
+Redis (tasks/broker_routes.py) are served by workers started for them: the children then
+get that Redis as their broker and result backend, and models of two groups in one
+--models-served are refused.
 
 Signals: the first SIGTERM/SIGINT is passed on to every child (Celery's warm shutdown:
 the running job finishes, then the worker exits); a second one sends SIGQUIT (cold
@@ -26,6 +30,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from ..tasks.broker_routes import route_url
 from ..tasks.pipelined_worker import pool_arguments
 from ..tasks.settings import DEFAULT_QUEUE, load_settings, model_queue
 
@@ -46,6 +51,7 @@ def visible_gpus() -> list[str]:
 
 
 def worker_queues(models_served: list[str] | None) -> list[str]:
+    """The queues of `models_served`; without them, the default queue and the store's models of the default group."""
     if models_served:
         return [model_queue(m) for m in models_served]
     from ..storage.model_store import ModelStore, available_models, models_root_from
@@ -55,7 +61,8 @@ def worker_queues(models_served: list[str] | None) -> list[str]:
         names = store._available() if store.is_s3 else available_models(store.local_root)
     except Exception:  # no store configured: the default queue only
         names = []
-    return [DEFAULT_QUEUE] + [model_queue(n) for n in names]
+    settings = load_settings()
+    return [DEFAULT_QUEUE] + [model_queue(n) for n in names if route_url(settings, n) is None]
 
 
 @dataclass(frozen=True)
@@ -73,8 +80,9 @@ def peer_flags(settings) -> list[str]:
 
 
 def worker_specs(device: str, queues: list[str], concurrency: int = 1, loglevel: str = "INFO",
-                 celery_args: list[str] | None = None) -> list[WorkerSpec]:
-    """One spec per GPU (or one on the CPU); `celery_args` go to every `celery worker` last, so they win."""
+                 celery_args: list[str] | None = None, group_url: str | None = None) -> list[WorkerSpec]:
+    """One spec per GPU (or one on the CPU); `celery_args` go to every `celery worker` last, so they win;
+    `group_url` (a route's Redis, broker_routes.common_route) becomes the children's broker and result backend."""
     host = socket.gethostname()
     gpus = visible_gpus() if device in ("auto", "cuda") else []
     if device == "cuda" and not gpus:
@@ -83,13 +91,14 @@ def worker_specs(device: str, queues: list[str], concurrency: int = 1, loglevel:
         ("cpu", {"CUDA_VISIBLE_DEVICES": "", "MASKFLEET_DEVICE": "cpu"})
     ]
     pool = pool_arguments(load_settings(), concurrency)
+    group = {} if group_url is None else {"MASKFLEET_BROKER_URL": group_url, "MASKFLEET_RESULT_BACKEND": group_url}
     specs = []
     for suffix, extra in slots:
         name = f"maskfleet@{host}-{suffix}"
         argv = [sys.executable, "-m", "celery", "-A", "maskfleet.tasks.app", "worker", *pool,
                 "-n", name, "-Q", ",".join(queues), "--loglevel", loglevel, *peer_flags(load_settings()),
                 *(celery_args or [])]
-        specs.append(WorkerSpec(name, {**os.environ, **extra}, argv))
+        specs.append(WorkerSpec(name, {**os.environ, **group, **extra}, argv))
     return specs
 
 
