@@ -216,3 +216,23 @@ class Gateway:
 
     def stop(self) -> None:
         stop_process(self.proc, 15)
+
+
+def sse_events(response, stop=lambda event: False):
+    """(id, event, data) of each Server-Sent Event in the stream, until it ends or `stop(event)` says so."""
+    import json
+
+    event: dict = {}
+    for line in response.iter_lines():
+        if line.startswith(":"):
+            continue
+        if line:
+            field, _, value = line.partition(": ")
+            event[field] = value
+            continue
+        if event:
+            parsed = (int(event["id"]), event["event"], json.loads(event["data"]))
+            yield parsed
+            if stop(parsed):
+                return
+        event = {}

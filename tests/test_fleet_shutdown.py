@@ -4,10 +4,8 @@ never acknowledged, is run by the next worker: not lost."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 

@@ -92,19 +92,16 @@ def test_a_job_that_cannot_reach_redis_is_handed_back_not_failed(monkeypatch, tm
 
     from celery.exceptions import Reject
 
-    from maskfleet.tasks import redis_keys
     from maskfleet.tasks.sample_task import sample
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("MASKFLEET_RESULT_BACKEND", f"redis://127.0.0.1:{port}/0")
-    monkeypatch.setattr(redis_keys, "_client", None)
     with pytest.raises(Reject) as caught:
         sample.run(job_from(write_tiny_inputs(tmp_path), "unreachable", tmp_path / "out.latent"))
     assert caught.value.requeue is True
     assert "Redis unreachable" in str(caught.value.reason)
-    monkeypatch.setattr(redis_keys, "_client", None)
 
 
 def flaky_pipeline(monkeypatch, failures: int, retries: int):

@@ -25,7 +25,7 @@ from metrics_scrape import free_port
 from maskfleet.client import _app
 from maskfleet.gateway.api_keys import new_key
 from maskfleet.tasks.settings import model_queue
-from fleet_workers import Gateway, Worker, claim_db_url, flush, require_redis, wait_for
+from fleet_workers import Gateway, Worker, claim_db_url, flush, require_redis, sse_events, wait_for
 
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"  # 6 steps
 MAX_QUEUE_DEPTH = 2
@@ -243,24 +243,6 @@ def test_the_gateway_imports_no_engine():
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "[]"
-
-
-def sse_events(response: httpx.Response, stop=lambda event: False):
-    """(id, event, data) of each Server-Sent Event in the stream, until it ends or `stop(event)` says so."""
-    event: dict = {}
-    for line in response.iter_lines():
-        if line.startswith(":"):
-            continue
-        if line:
-            field, _, value = line.partition(": ")
-            event[field] = value
-            continue
-        if event:
-            parsed = (int(event["id"]), event["event"], json.loads(event["data"]))
-            yield parsed
-            if stop(parsed):
-                return
-        event = {}
 
 
 def test_events_follow_a_job_to_its_end(fleet):
