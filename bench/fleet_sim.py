@@ -60,6 +60,14 @@ def wait_answering(app, count: int, deadline_s: float) -> float:
     raise TimeoutError(f"not all {count} consumers answered within {deadline_s} s")
 
 
+def rss_mb(pid: int) -> float:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0.0)
+
+
 def redis_cpu(client) -> float:
     cpu = client.info("cpu")
     return float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
@@ -121,10 +129,14 @@ def main() -> None:
         lost = [i for i in ids if final.get(i) != "SUCCESS"]
         twice = [i for i in ids if len(runs.get(i, [])) > 1]
         by_log = [sum(len(r) for r in completions([log]).values()) for _, log in consumers]
+        memory = sum(rss_mb(proc.pid) for proc, _ in consumers) / len(consumers)
         print(f"machine: {cpu_model()}; one private Redis; {args.consumers} consumers (-P solo, stub body of "
-              f"{args.steps} steps x 2 sampler calls x {args.step_ms:g} ms), all answering {up_s:.0f} s after start")
+              f"{args.steps} steps x 2 sampler calls x {args.step_ms:g} ms, {memory:.0f} MB each), all answering "
+              f"{up_s:.0f} s after start")
         print(f"{args.jobs} jobs: {args.jobs / elapsed:.1f} jobs/s ({elapsed:.1f} s from the first submit to the last "
-              f"end; submitting took {submitted_s:.1f} s); per consumer {min(by_log)}-{max(by_log)} jobs")
+              f"end; the one producer process took {submitted_s:.1f} s to submit them, so it set the pace when the "
+              f"two are close); per consumer {min(by_log)}-{max(by_log)} jobs; with no overhead at all the consumers "
+              f"would do {args.consumers / (2 * args.steps * args.step_ms / 1000):.0f} jobs/s")
         print(f"Redis: {cpu / args.jobs * 1000:.2f} ms of CPU per job, {100 * cpu / elapsed:.0f} % of one core over "
               f"the run; {calls / args.jobs:.1f} commands per job (idle consumers and the producer included)")
         print(f"lost (no SUCCESS): {len(lost)}; run twice: {len(twice)}" + (f" e.g. {lost[:3]} {twice[:3]}"
