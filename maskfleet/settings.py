@@ -20,6 +20,11 @@ REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel")  # what a broker, result
 EMPTY_IS_A_VALUE = frozenset({"allowed_roots"})
 
 
+def scheme(url: str) -> str:
+    """A URL's scheme in lower case; empty when it has none."""
+    return url.split("://", 1)[0].lower() if "://" in url else ""
+
+
 class Settings(BaseModel):
     """The fleet's and the worker's settings, as the environment gives them."""
 
@@ -98,7 +103,7 @@ class Settings(BaseModel):
         for pattern, url in routes.items():
             if not pattern.strip():
                 raise ValueError("a route's model pattern is empty")
-            if url.split("://", 1)[0].lower() not in REDIS_SCHEMES or "://" not in url:
+            if scheme(url) not in REDIS_SCHEMES:
                 raise ValueError(f"the route of {pattern!r} is no Redis URL ({', '.join(s + '://' for s in REDIS_SCHEMES)})")
         return routes
 

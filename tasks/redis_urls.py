@@ -21,7 +21,7 @@ import redis.asyncio
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.sentinel import Sentinel
 
-from ..settings import REDIS_SCHEMES, Settings, load_settings
+from ..settings import REDIS_SCHEMES, Settings, load_settings, scheme
 
 __all__ = ["REDIS_SCHEMES", "async_redis_client", "celery_transport_options", "is_sentinel", "redacted", "redis_client",
            "scheme"]
@@ -33,10 +33,6 @@ SENTINEL_PORT = 26379
 def redacted(url: str) -> str:
     """`url` with each password masked, for messages and logs."""
     return re.sub(r"://([^:@/;]*):[^@/;]*@", r"://\1:***@", url)
-
-
-def scheme(url: str) -> str:
-    return url.split("://", 1)[0].lower() if "://" in url else ""
 
 
 def is_sentinel(url: str) -> bool:
