@@ -91,33 +91,51 @@ class CallSpan:
 
 
 @dataclass(frozen=True)
+class Recovery:
+    """Impact Pack's recovery for the SDE and uni_pc samplers (`SamplerInfo.recovery_sampler`):
+    the sampler's pass on its step's sigmas times `first`, composited over the call's input
+    with the noise mask, then the recovery sampler's pass over the same step on its own
+    schedule times `second`."""
+
+    first: float
+    second: float
+
+
+RATIO_ADDITIONAL = Recovery(1.0, 1.0)  # the original node: mode "ratio additional", ratio 1.0
+RATIO_BETWEEN = Recovery(1.0 - 0.3, 0.3)  # the node since 2024-08: "ratio between", ratio 0.3
+
+
+@dataclass(frozen=True)
 class OneCall:
-    """One call of an advanced sampler inside `region` over `span`, with the job's draws and schedules."""
+    """One call of an advanced sampler inside `region` over `span`, with the job's draws and
+    schedules; `recovery` None is Impact Pack's recovery mode "DISABLE"."""
 
     sampler: AdvancedSampler
     region: RegionMask
     span: CallSpan
     randomness: Randomness
     schedules: ScheduleCache
+    recovery: Recovery | None = RATIO_ADDITIONAL
 
     def run(self, x_in: torch.Tensor) -> torch.Tensor:
         """The sampler's pass, then (SDE and uni_pc samplers) Impact Pack's recovery pass."""
         info = SAMPLERS[self.sampler.sampler_name]
-        x = self._pass(info, self.sampler.sampler_name, x_in)
-        if info.recovery_sampler is None:
-            return x
-        # Impact Pack's recovery: composite into the input with the noise mask, then the same
-        # step again with the recovery sampler on that sampler's own (plain) schedule.
+        recovery = self.recovery
+        if info.recovery_sampler is None or recovery is None:
+            return self._pass(info, self.sampler.sampler_name, x_in)
+        x = self._pass(info, self.sampler.sampler_name, x_in, recovery.first)
         composite = x * self.region.inside + x_in * self.region.outside
-        return self._pass(RECOVERY_SAMPLERS[info.recovery_sampler], info.recovery_sampler, composite)
+        return self._pass(RECOVERY_SAMPLERS[info.recovery_sampler], info.recovery_sampler, composite, recovery.second)
 
-    def _pass(self, info: SamplerInfo, schedule_name: str, x_in: torch.Tensor) -> torch.Tensor:
+    def _pass(self, info: SamplerInfo, schedule_name: str, x_in: torch.Tensor, sigma_ratio: float = 1.0) -> torch.Tensor:
         sampler, region, span, randomness = self.sampler, self.region, self.span, self.randomness
         denoiser = sampler.denoiser
         total = self.schedules.get(denoiser, schedule_name, sampler.scheduler, span.steps)
         sigmas = step_sigmas(total, span.start, span.end, span.leftover)
         if sigmas is None:
             return x_in
+        if sigma_ratio != 1.0:
+            sigmas = sigmas * sigma_ratio  # the Brownian tree below still spans the unscaled schedule
         # The sigmas stay on the CPU (0-d CPU tensors mix with tensors on any device), so the
         # steps' sigma comparisons and the denoiser's timestep lookup never wait on a GPU.
         if span.add_noise:

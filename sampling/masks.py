@@ -67,22 +67,28 @@ def check_mask_fits(mask: torch.Tensor, latent_shape: torch.Size | tuple[int, ..
             "a mask may have any resolution but must have the latent's shape")
 
 
-def check_overlap(overlap_factor: int, latent_height: int, latent_width: int) -> None:
-    """Refuse an overlap_factor larger than the latent: its box would exceed the latent on every side.
+def check_overlap(overlap_factor: int, height: int, width: int, counted_in: str = "latent") -> None:
+    """Refuse an overlap_factor larger than what it grows (the latent, or in regional mode the
+    mask): its box would exceed it on every side.
 
     Past max(H, W) the grown mask covers most of the latent whatever the mask is, so the
     value is a mistake (latent pixels are 1/8 of image pixels), not a request.
     """
-    longest = max(latent_height, latent_width)
+    longest = max(height, width)
     if overlap_factor > longest:
         raise InvalidInput(
-            "overlap_factor", f"{overlap_factor} is larger than the {latent_height}x{latent_width} latent "
-            f"(it is counted in latent pixels); use at most {longest}")
+            "overlap_factor", f"{overlap_factor} is larger than the {height}x{width} {counted_in} "
+            f"(it is counted in {counted_in} pixels); use at most {longest}")
 
 
 def inverse_mask(mask: torch.Tensor) -> torch.Tensor:
     """The base sampler's region: 1 wherever the mask is not exactly 1 (soft edges included)."""
     return (mask != 1.0).float()
+
+
+def outside_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Regional mode's base region: 1 only where the mask is exactly 0 (any positive value is inside)."""
+    return (mask == 0.0).float()
 
 
 def to_latent(mask: torch.Tensor, latent_shape: torch.Size) -> torch.Tensor:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import InvalidInput
 
-MODES = ("comfy", "coherent")
+MODES = ("comfy", "regional", "coherent")
 MAX_SEED = 2**64 - 1
 MAX_STEPS = 10000  # the most steps a job runs, and the longest schedule `int(steps / denoise)` may ask for
 MAX_OVERLAP = 10000
@@ -44,14 +44,22 @@ class SamplingParams(BaseModel):
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Noise seed; the same job and seed give the same latent.")
     steps: int = Field(20, ge=1, le=MAX_STEPS, description="Steps the job runs.")
     denoise: float = Field(1.0, gt=0.0, le=1.0, description=f"Fraction of the schedule to run: the schedule has int(steps / denoise) steps (at most {MAX_STEPS}) and the job runs its last `steps`.")
-    overlap_factor: int = Field(10, ge=0, le=MAX_OVERLAP, description="Box size (latent pixels) by which the mask sampler's region grows past the mask.")
+    overlap_factor: int = Field(10, ge=0, le=MAX_OVERLAP, description="Box size by which the mask sampler's region grows past the mask: in latent pixels, in mode 'regional' in the mask's own pixels (as the node does today).")
     crop_margin: int | None = Field(None, ge=0, le=MAX_CROP_MARGIN, description="Opt-in speed-up, off when left out: the mask sampler runs on its grown region's bounding box plus this many latent pixels of context on each side (sides rounded up to fixed sizes), not the whole latent. Faster for small masks; the result differs slightly from full frame (the model sees less context; ancestral/SDE mask samplers draw other noise).")
-    mode: Mode = Field("comfy", description="Sampling mode: 'comfy' reproduces the original node in ComfyUI; 'coherent' keeps each sampler's state, one sigma schedule and one noise stream across the interleaved steps and blends the two results across the overlap band, so every sampler it accepts gives a clean result (both samplers must use the same scheduler; refused: crop_margin, lcm, and dpmpp_2m_sde/dpmpp_3m_sde on the normal and ddim_uniform schedules).")
+    mode: Mode = Field("comfy", description="Sampling mode: 'comfy' reproduces the original node in ComfyUI (Impact Pack up to 2024-07); 'regional' reproduces the node as Impact Pack ships it since 2024-08 (its RegionalSampler with one region; refused: crop_margin); 'coherent' keeps each sampler's state, one sigma schedule and one noise stream across the interleaved steps and blends the two results across the overlap band, so every sampler it accepts gives a clean result (both samplers must use the same scheduler; refused: crop_margin, lcm, and dpmpp_2m_sde/dpmpp_3m_sde on the normal and ddim_uniform schedules).")
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> "SamplingParams":
         """The schedule `int(steps / denoise)` within MAX_STEPS: a tiny denoise asks for billions of sigmas."""
         check_schedule_length(self.steps, self.denoise)
+        return self
+
+    @model_validator(mode="after")
+    def _regional_runs_full_frame(self) -> "SamplingParams":
+        """Regional mode reproduces the node, whose mask sampler sees the whole latent: no crop."""
+        if self.mode == "regional" and self.crop_margin is not None:
+            raise InvalidInput("crop_margin", "not supported in regional mode (it reproduces the node, whose mask "
+                                              "sampler sees the whole latent); leave it out or use mode 'comfy'")
         return self
 
     @classmethod

@@ -9,6 +9,7 @@ we follow its intent, which golden `out_intended` records.)
 
 `mode="coherent"` shares the validation here and then runs `coherent_loop.py`: the same
 two samplers, kept running across steps on one schedule and one noise stream.
+`mode="regional"` runs `regional_loop.py`: the node as Impact Pack has shipped it since 2024-08.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .errors import InvalidInput, SamplingStopped
 from .masks import check_mask_fits, check_overlap, grow_mask, inverse_mask, normalize_mask, to_latent
 from .noise_sources import Randomness
 from .region_crop import crop_box
+from .regional_loop import sample_regional
 from .hooks import CALLS_PER_STEP, ProgressHook, StopHook
 from .samplers import check_sampler_name
 from .sampling_job import SamplingJob
@@ -78,20 +80,26 @@ def sample_job(
     `randomness` (default: the draws of the job's seed) replaces the job's random draws;
     `job_batch.py` passes one that serves a batch of jobs, each with its own seed.
 
-    Mode "comfy" is the original node; "coherent" runs `coherent_loop.py` (it refuses
-    crop_margin and samplers on different schedulers).
+    Mode "comfy" is the original node; "regional" the node as Impact Pack ships it today
+    (`regional_loop.py`); "coherent" runs `coherent_loop.py` (it refuses crop_margin and
+    samplers on different schedulers).
     """
     check_tensors_and_samplers(job)
     params = job.params
     b, _, h, w = job.latent.shape
     mask = normalize_mask(job.mask, b).to(job.latent.device)
     check_mask_fits(mask, job.latent.shape)
-    check_overlap(params.overlap_factor, h, w)
+    if params.mode == "regional":
+        check_overlap(params.overlap_factor, mask.shape[-2], mask.shape[-1], "mask")
+    else:
+        check_overlap(params.overlap_factor, h, w)
     job = dataclasses.replace(job, mask=mask)
     randomness = JobRandomness(params.seed) if randomness is None else randomness
     if params.mode == "coherent":
         check_coherent(job.base, job.mask_sampler, params.crop_margin)
         return sample_coherent(job, randomness, on_progress, should_stop)
+    if params.mode == "regional":
+        return sample_regional(job, randomness, on_progress, should_stop)
     return _sample_comfy(job, randomness, on_progress, should_stop)
 
 
