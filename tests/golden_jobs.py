@@ -53,8 +53,8 @@ def make_models_dir(root: Path, every_golden_model: bool = False) -> Path:
     return models
 
 
-def write_case_job(case_dir: Path, work: Path) -> tuple[Path, dict, dict[str, torch.Tensor]]:
-    """Write the case's inputs as files plus a job JSON; return (job path, case, tensors)."""
+def write_case_job(case_dir: Path, work: Path, mode: str = "comfy") -> tuple[Path, dict, dict[str, torch.Tensor]]:
+    """Write the case's inputs as files plus a job JSON in `mode`; return (job path, case, tensors)."""
     case = json.loads((case_dir / "case.json").read_text())
     t = load_file(case_dir / "data.safetensors")
     work.mkdir(parents=True, exist_ok=True)
@@ -90,6 +90,8 @@ def write_case_job(case_dir: Path, work: Path) -> tuple[Path, dict, dict[str, to
         "mask_sampler": sampler("mask_sampler", "mask"),
         "output": (work / "out.latent").as_uri(),
     }
+    if mode != "comfy":  # the default, left out as producers leave it out
+        job["mode"] = mode
     job_path = work / "job.json"
     job_path.write_text(json.dumps(job, indent=1))
     return job_path, case, t

@@ -362,6 +362,7 @@ CASES = [
     Case("coherent mode with two schedulers", "mask_sampler.scheduler", "client",
          change(mode="coherent", base_sampler__scheduler="karras", mask_sampler__scheduler="normal")),
     Case("coherent mode with crop_margin", "crop_margin", "client", change(mode="coherent", crop_margin=4)),
+    Case("regional mode with crop_margin", "crop_margin", "client", change(mode="regional", crop_margin=4)),
     Case("job_id with a slash and a space", "job_id", "client", change(job_id="../x y")),
     Case("both latent and image", "latent", "client", change(image="file:///data/in.png")),
     Case("paste_back without image", "paste_back", "client", change(paste_back=True)),
@@ -403,6 +404,8 @@ CASES = [
     Case("safetensors mask 1 x 9000 x 9000 bool (81 Mpx, under the byte cap)", "mask", "worker", _huge_mask("BOOL", 1)),
     Case("output file name of 256 bytes", "output", "worker", _name_of(256)),
     Case("overlap larger than the latent", "overlap_factor", "worker", change(overlap_factor=17)),
+    Case("overlap larger than the mask in regional mode (mask pixels)", "overlap_factor", "worker",
+         change(mode="regional", overlap_factor=65)),
     Case("missing latent file", "latent", "worker", lambda i: i.job({"latent": i.uri("no-such.latent")})),
     Case("missing conditioning file", "mask_sampler.negative", "worker",
          lambda i: i.job({"mask_sampler.negative": i.uri("no-such.safetensors")})),
@@ -453,6 +456,7 @@ CASES = [
     # -- valid: one sampler does all the work --
     Case("empty mask", None, "valid", with_mask(EMPTY)),
     Case("full mask", None, "valid", with_mask(FULL)),
+    Case("regional mode, overlap past the latent but within the mask", None, "valid", change(mode="regional", overlap_factor=17)),
 ]
 
 

@@ -3,10 +3,12 @@
 SD1.5-style (`c*`), v-prediction and SDXL-style (`p*`) cases; each case's model folder is
 the one its case.json names (`tiny_unet`, `tiny_unet_v`, `tiny_unet_xl`).
 
-The reference is `out_intended`: the original loop run in real ComfyUI with its string
-flags replaced by the booleans it meant (see shared/golden/README.md). Where a case also
-stores `out_intended_hw_fixed` (a non-square latent), that is the reference: we resize
-the mask in the right orientation, which the original does not.
+Mode "comfy" is checked against `out_intended`: the original loop run in real ComfyUI
+with its string flags replaced by the booleans it meant (see shared/golden/README.md).
+Mode "regional" is checked against `out_head_node`: the node as Impact Pack ships it
+today (RegionalSampler based). Where a case also stores the `_hw_fixed` key (a non-square
+latent), that is the reference: we resize the mask in the right orientation, which the
+node does not.
 """
 from __future__ import annotations
 
@@ -23,9 +25,13 @@ from golden_jobs import golden_case_dirs, make_models_dir, write_case_job
 REL_L2_TOLERANCE = 1e-4
 
 
+REFERENCE = {"comfy": "out_intended", "regional": "out_head_node"}
+
+
+@pytest.mark.parametrize("mode", sorted(REFERENCE))
 @pytest.mark.parametrize("case_dir", golden_case_dirs(), ids=lambda d: d.name)
-def test_golden_case_matches_original_node(case_dir, tmp_path):
-    job_path, case, tensors = write_case_job(case_dir, tmp_path / "job")
+def test_golden_case_matches_original_node(case_dir, mode, tmp_path):
+    job_path, case, tensors = write_case_job(case_dir, tmp_path / "job", mode=mode)
     models = make_models_dir(tmp_path, every_golden_model=True)
     proc = subprocess.run(
         [sys.executable, "-m", "maskfleet.cli", "run", str(job_path), "--models", str(models), "--device", "cpu", "--quiet"],
@@ -38,9 +44,9 @@ def test_golden_case_matches_original_node(case_dir, tmp_path):
     assert result["shape"] == case["latent_shape"]
 
     out = load_file(tmp_path / "job" / "out.latent")["latent_tensor"]
-    ref = tensors.get("out_intended_hw_fixed", tensors["out_intended"])
+    ref = tensors.get(f"{REFERENCE[mode]}_hw_fixed", tensors[REFERENCE[mode]])
     assert out.shape == ref.shape
     assert torch.isfinite(out).all()
     rel = ((out - ref).norm() / ref.norm()).item()
-    print(f"\n{case['id']}: relative L2 error {rel:.2e} (model {case.get('model', {}).get('diffusers_dir', 'tiny_unet')})")
-    assert rel <= REL_L2_TOLERANCE, f"{case['id']}: relative L2 error {rel:.3e}"
+    print(f"\n{case['id']} ({mode}): relative L2 error {rel:.2e} (model {case.get('model', {}).get('diffusers_dir', 'tiny_unet')})")
+    assert rel <= REL_L2_TOLERANCE, f"{case['id']} ({mode}): relative L2 error {rel:.3e}"
