@@ -5,7 +5,9 @@ it is resized bilinearly to the latent when a call uses it (`to_latent`). The gr
 is the mask resized to the latent, rounded, dilated by an overlap_factor x overlap_factor
 box and rounded again: the band it adds around the mask is denoised by both samplers,
 which hides the seam. (The original names this "erosion" and resizes with height and
-width swapped; we resize in the right orientation.)
+width swapped; we resize in the right orientation.) Regional mode (`regional_loop.py`)
+takes its base region where the mask is exactly 0 (`outside_mask`) and grows the mask at
+the mask's own resolution.
 """
 from __future__ import annotations
 
@@ -101,22 +103,23 @@ def to_latent(mask: torch.Tensor, latent_shape: torch.Size) -> torch.Tensor:
     return resized.contiguous()
 
 
-def grow_mask(mask: torch.Tensor, latent_height: int, latent_width: int, overlap_factor: int) -> torch.Tensor:
-    """The mask sampler's region [B, 1, H, W] in {0, 1}: resized, rounded, box-dilated, rounded.
+def grow_mask(mask: torch.Tensor, height: int, width: int, overlap_factor: int) -> torch.Tensor:
+    """The mask sampler's region [B, 1, height, width] in {0, 1}: resized, rounded, box-dilated, rounded.
 
-    The dilation pads by ceil((k - 1) / 2) on every side and crops to H x W, so an even k
+    Modes comfy and coherent grow it at the latent's size, regional mode at the mask's own
+    (where the resize changes nothing). The dilation pads by ceil((k - 1) / 2) on every side and crops to height x width, so an even k
     grows the mask by k/2 - 1 pixels up and left and k/2 down and right, as the original
     does. A box dilation of a 0/1 mask is a max-pool, done as two 1-D passes so that large
     overlap factors cost no more than small ones.
     """
-    resized = F.interpolate(mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]), size=(latent_height, latent_width), mode="bilinear")
+    resized = F.interpolate(mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]), size=(height, width), mode="bilinear")
     grown = resized.round()
     k = overlap_factor
     if k > 1:
         # Past this size the window covers the whole latent: same result, bounded cost.
-        k = min(k, 2 * max(latent_height, latent_width) + 2 + k % 2)
+        k = min(k, 2 * max(height, width) + 2 + k % 2)
         pad = math.ceil((k - 1) / 2)
         grown = F.max_pool2d(F.pad(grown, (pad, pad, pad, pad)), kernel_size=(k, 1), stride=1)
         grown = F.max_pool2d(grown, kernel_size=(1, k), stride=1)
-        grown = grown[:, :, :latent_height, :latent_width]
+        grown = grown[:, :, :height, :width]
     return grown.round()

@@ -31,14 +31,21 @@ from .noise_sources import Randomness
 from .sampling_job import SamplingJob
 
 
+def regional_regions(mask: torch.Tensor, latent_shape: torch.Size, overlap_factor: int) -> tuple[RegionMask, RegionMask]:
+    """(base region, grown region) at the latent's resolution for a [B, h, w] mask: the base
+    region where the mask is 0, the grown one dilated by `overlap_factor` mask pixels."""
+    mask_height, mask_width = mask.shape[-2:]
+    base_region = RegionMask.of(to_latent(outside_mask(mask), latent_shape))
+    grown = grow_mask(mask, mask_height, mask_width, overlap_factor)
+    return base_region, RegionMask.of(to_latent(grown, latent_shape))
+
+
 def sample_regional(job: SamplingJob, randomness: Randomness, on_progress: ProgressHook | None,
                     should_stop: StopHook | None) -> torch.Tensor:
     """Regional-mode body of `sample_job` (inputs validated; mask [B, h, w])."""
     latent, mask, params = job.latent, job.mask, job.params
     adv_steps, start = params.plan()
-    mask_height, mask_width = mask.shape[-2:]
-    base_region = RegionMask.of(to_latent(outside_mask(mask), latent.shape))
-    mask_region = RegionMask.of(to_latent(grow_mask(mask, mask_height, mask_width, params.overlap_factor), latent.shape))
+    base_region, mask_region = regional_regions(mask, latent.shape, params.overlap_factor)
     whole = RegionMask.of(torch.ones_like(base_region.inside))  # the first call has no noise mask
 
     schedules = ScheduleCache()

@@ -105,14 +105,15 @@ def test_fused_forward_is_bitwise_with_the_unet_when_the_jobs_have_equal_rows(un
     assert_bitwise(sample_job_batch(jobs, forward="fused"), jobs)
 
 
+@pytest.mark.parametrize("mode", ["coherent", "regional"])
 @pytest.mark.parametrize("names", [("euler", "dpmpp_2m"), ("euler_ancestral", "dpmpp_2m_sde")], ids="+".join)
-def test_coherent_batches_are_bitwise_the_jobs_alone_with_the_unet(unet, names):
-    """Coherent mode's paired first evaluation (four row blocks per job) keeps both
-    forwards bitwise: per_job gives each job its four blocks, fused (equal rows) computes
-    the timestep rows at one job's count."""
-    jobs = make_jobs(unet, 3, names, mode="coherent")
+def test_other_modes_batch_bitwise_as_the_jobs_alone_with_the_unet(unet, names, mode):
+    """Coherent mode's paired first evaluation (four row blocks per job) and regional mode's
+    composites keep both forwards bitwise: per_job gives each job its blocks, fused (equal
+    rows) computes the timestep rows at one job's count."""
+    jobs = make_jobs(unet, 3, names, mode=mode)
     assert_bitwise(sample_job_batch(jobs, forward="per_job"), jobs)
-    equal_rows = [job for job in make_jobs(unet, 4, names, mode="coherent") if job.latent.shape[0] == 1]
+    equal_rows = [job for job in make_jobs(unet, 4, names, mode=mode) if job.latent.shape[0] == 1]
     assert_bitwise(sample_job_batch(equal_rows, forward="fused"), equal_rows)
 
 
