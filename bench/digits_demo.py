@@ -24,12 +24,15 @@ often the digit is read, and its roughness, the model's own at this step count.
 A grid of examples (rows: samplers, columns: modes; the same digit pairs and seed in
 every cell) goes to docs/mode_grid.png. `--export maskfleet/demo_model` writes the
 trained model as `maskfleet demo` ships it: the UNet as a diffusers folder and the class
-tokens as conditioning rows (`class_tokens.safetensors`, row 10 the unconditional one). Modes come from `maskfleet.sampling.MODES`, so
-`coherent` joins as soon as the engine has it; a sampler a mode refuses is reported.
+tokens as conditioning rows (`class_tokens.safetensors`, row 10 the unconditional one);
+`--demo-model maskfleet/demo_model` runs that shipped model instead of training one. Modes
+come from `maskfleet.sampling.MODES` (a new mode joins the table and the grid); a sampler a
+mode refuses is reported.
 
     pip install -e '.[bench]'   # scikit-learn
     python bench/digits_demo.py [--train-minutes 3] [--samplers euler heun ...] [--jobs 20] [--threads 1]
     python bench/digits_demo.py --train-minutes 30 --train-steps 2000 --model-dir DIR --export maskfleet/demo_model
+    python bench/digits_demo.py --demo-model maskfleet/demo_model
 """
 from __future__ import annotations
 
@@ -150,6 +153,14 @@ def export_demo_model(model: DigitModel, folder: Path) -> None:
     save_file({"tokens": model.tokens.weight.detach().contiguous()}, folder / "class_tokens.safetensors")
 
 
+def load_demo_model(folder: Path) -> DigitModel:
+    """The model `export_demo_model` wrote (as `maskfleet demo` ships it), back as a DigitModel."""
+    model = DigitModel()
+    model.unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True)
+    model.tokens.weight.data.copy_(load_file(folder / "class_tokens.safetensors")["tokens"])
+    return model
+
+
 def run_jobs(model: DigitModel, denoiser: UNetDenoiser, sampler_name: str, mode: str, pairs: torch.Tensor,
              args) -> torch.Tensor:
     """One latent batch, row i asking digit pairs[i, 0] on the left and pairs[i, 1] on the right: [N, 1, 16, 32]."""
@@ -249,6 +260,8 @@ def main() -> None:
                         help="reuse the model saved here (train and save it there when absent)")
     parser.add_argument("--export", type=Path, default=None,
                         help="also write the model as maskfleet demo ships it (maskfleet/demo_model)")
+    parser.add_argument("--demo-model", type=Path, default=None,
+                        help="no training: use the model maskfleet demo ships (e.g. maskfleet/demo_model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -258,7 +271,10 @@ def main() -> None:
     schedule = NoiseSchedule.from_config({})
     model = DigitModel()
     weights = args.model_dir / "digit_model.safetensors" if args.model_dir else None
-    if weights is not None and weights.is_file():
+    if args.demo_model is not None:
+        model = load_demo_model(args.demo_model)
+        train_note = f"the shipped demo model, {args.demo_model}"
+    elif weights is not None and weights.is_file():
         model.load_state_dict(load_file(weights))  # safetensors: never unpickled
         train_note = f"loaded from {weights}"
     else:
@@ -274,7 +290,7 @@ def main() -> None:
         print(f"exported to {args.export}")
     denoiser = UNetDenoiser(model.unet, schedule, latent_scale=1.0)
 
-    modes = [m for m in ("comfy", "coherent") if m in MODES]
+    modes = list(MODES)
     # The grid's pairs lead the batch, so the pictures are rows of the measured jobs.
     pairs = torch.cat([torch.tensor(GRID_PAIRS), random_pairs(args.jobs, args.seed + 1)])[:max(args.jobs, len(GRID_PAIRS))]
     print(f"machine: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads")

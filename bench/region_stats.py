@@ -13,7 +13,7 @@ back): `exact` against the exact answer within the derived tolerance, `own` agai
 sampler alone within the statistical tolerance (the loop's own error, whatever the
 sampler's). The summary adds whether the sampler alone meets the exact answer (`alone`).
 
-    python bench/region_stats.py [--modes comfy coherent] [--steps 20] [--seeds 32] [--samplers ...] [--schedulers ...]
+    python bench/region_stats.py [--modes comfy regional coherent] [--steps 20] [--seeds 32] [--samplers ...] [--schedulers ...]
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def summary(mode: str, rows: list[dict], setup: Setup) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", nargs="+", default=["comfy", "coherent"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=32)
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS))
