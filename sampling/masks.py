@@ -107,19 +107,28 @@ def grow_mask(mask: torch.Tensor, height: int, width: int, overlap_factor: int) 
     """The mask sampler's region [B, 1, height, width] in {0, 1}: resized, rounded, box-dilated, rounded.
 
     Modes comfy and coherent grow it at the latent's size, regional mode at the mask's own
-    (where the resize changes nothing). The dilation pads by ceil((k - 1) / 2) on every side and crops to height x width, so an even k
-    grows the mask by k/2 - 1 pixels up and left and k/2 down and right, as the original
-    does. A box dilation of a 0/1 mask is a max-pool, done as two 1-D passes so that large
-    overlap factors cost no more than small ones.
+    (where the resize changes nothing). The dilation pads by ceil((k - 1) / 2) on every
+    side and crops to height x width, so an even k grows the mask by k/2 - 1 pixels up and
+    left and k/2 down and right, as the original does.
     """
     resized = F.interpolate(mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]), size=(height, width), mode="bilinear")
     grown = resized.round()
     k = overlap_factor
     if k > 1:
-        # Past this size the window covers the whole latent: same result, bounded cost.
+        # Past this size the window covers the whole mask: same result, bounded cost.
         k = min(k, 2 * max(height, width) + 2 + k % 2)
         pad = math.ceil((k - 1) / 2)
-        grown = F.max_pool2d(F.pad(grown, (pad, pad, pad, pad)), kernel_size=(k, 1), stride=1)
-        grown = F.max_pool2d(grown, kernel_size=(1, k), stride=1)
+        grown = _any_in_window(_any_in_window(F.pad(grown, (pad, pad, pad, pad)), k, -2), k, -1)
         grown = grown[:, :, :height, :width]
     return grown.round()
+
+
+def _any_in_window(binary: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """1 where any of the k values from here on along `dim` is 1 (a 1-D box dilation of a 0/1
+    tensor, as a max-pool of size k without padding): window sums of a running count, so its
+    cost does not grow with k (a 64 Mpx mask in regional mode may ask for thousands)."""
+    counts = torch.cumsum(binary.to(torch.int32), dim=dim)
+    counts = torch.cat([torch.zeros_like(counts.narrow(dim, 0, 1)), counts], dim=dim)
+    length = counts.shape[dim] - k
+    window = counts.narrow(dim, k, length) - counts.narrow(dim, 0, length)
+    return (window > 0).to(binary.dtype)
