@@ -197,6 +197,31 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_workers(specs)
 
 
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    """The dead-lettered webhook events (tasks/webhook_outbox.py): list them, or put one back for delivery."""
+    from datetime import datetime, timezone
+
+    from .tasks.redis_keys import connection
+    from .tasks.webhook_outbox import Outbox, OutboxEvent
+    from .tasks.webhooks import url_for_log
+
+    outbox = Outbox(connection(args.redis))
+    if args.action == "list-failed":
+        for entry in outbox.dead():
+            event = OutboxEvent.of(entry["event"])
+            print(json.dumps({"id": entry["id"], "webhook_id": event.msg_id, "type": event.type, "job_id": event.job_id,
+                              "url": url_for_log(event.url), "error": entry["error"], "attempts": entry["attempts"],
+                              "dead_at": datetime.fromtimestamp(entry["dead_at"], timezone.utc).isoformat(timespec="seconds")}))
+        return 0
+    try:
+        event = outbox.replay(args.id)
+    except KeyError:
+        print(f"maskfleet: no dead-lettered webhook {args.id!r} (see maskfleet webhooks list-failed)", file=sys.stderr)
+        return 1
+    print(json.dumps({"replayed": event.msg_id, "type": event.type, "job_id": event.job_id}))
+    return 0
+
+
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
@@ -314,6 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     api_key.add_argument("name", help="the key's name (owner of the jobs it submits)")
     api_key.add_argument("--scopes", default="submit,read,cancel", help="comma-separated: submit, read, cancel, admin")
     api_key.set_defaults(func=cmd_api_key)
+
+    webhooks = sub.add_parser("webhooks", help="webhook events the workers gave up on: list them, replay one",
+                              description="Started and final webhook events that could not be delivered within the "
+                                          "workers' retry bound are kept as dead letters in Redis.")
+    webhooks.add_argument("--redis", default=None, help="the Redis holding them (default: $MASKFLEET_RESULT_BACKEND)")
+    actions = webhooks.add_subparsers(dest="action", required=True)
+    actions.add_parser("list-failed", help="print each dead-lettered event as a JSON line, the oldest first")
+    replay = actions.add_parser("replay", help="deliver a dead-lettered event again (the next worker sweep sends it, "
+                                               "with the same webhook-id)")
+    replay.add_argument("id", help="the event's id or webhook_id, as list-failed prints them")
+    webhooks.set_defaults(func=cmd_webhooks)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of a job")
     schema.add_argument("--markdown", action="store_true", help="a table of the fields instead (docs/job.md)")

@@ -118,5 +118,5 @@ def worker_only_settings(conf: Any = None, options: Any = None, **_: Any) -> Non
 
 app = Celery("maskfleet", include=["maskfleet.tasks.sample_task", "maskfleet.tasks.metrics", "maskfleet.tasks.json_logs",
                                    "maskfleet.tasks.leases", "maskfleet.tasks.deliveries",
-                                   "maskfleet.tasks.input_prefetch"])
+                                   "maskfleet.tasks.input_prefetch", "maskfleet.tasks.outbox_sweeper"])
 configure(app, load_settings())

@@ -27,6 +27,10 @@ Metrics (all ``maskfleet_``-prefixed; only the task ``maskfleet.sample`` is coun
   ``maskfleet_model_load_seconds_total``: the JobPipeline's LoadedModels counters (a load
   that failed counts as a load), read at scrape time; ``maskfleet_model_bytes``: the bytes
   of weights it keeps (its budget: MASKFLEET_MODEL_MEMORY_MB).
+- ``maskfleet_webhooks_total{outcome}``: webhook deliveries of this process: delivered,
+  retried, dead_lettered, dropped (a progress event given up on). Events a worker's main
+  process takes over from a dead worker (outbox_sweeper.py) are counted there, not served.
+  ``maskfleet_webhooks_pending``: events in the fleet's webhook outbox, read at scrape time.
 - ``maskfleet_gpu_memory_allocated_bytes{device}`` / ``..._reserved_bytes{device}``: torch's
   CUDA allocator, only where ``torch.cuda.is_available()``; absent on CPU workers.
 
@@ -43,6 +47,7 @@ import threading
 import time
 from typing import Any, Iterator
 
+import redis
 from celery import states
 from celery.signals import task_postrun, task_prerun, worker_process_init, worker_ready
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -51,6 +56,7 @@ from prometheus_client.registry import Collector
 
 from .progress import subscribe
 from .settings import TASK_NAME, load_settings
+from .webhook_outbox import fleet_outbox
 from .worker_pipeline import current_pipeline
 
 log = logging.getLogger(__name__)
@@ -76,6 +82,17 @@ job_step = Gauge("maskfleet_job_step", "The step of the last PROGRESS update (st
 job_total_steps = Gauge("maskfleet_job_total_steps", "The job's steps in the last PROGRESS update", registry=registry)
 for _outcome in OUTCOMES.values():
     jobs_total.labels(_outcome)
+WEBHOOK_OUTCOMES = ("delivered", "retried", "dead_lettered", "dropped")
+webhooks_total = Counter("maskfleet_webhooks", "Webhook deliveries by outcome in this process: delivered (2xx), "
+                         "retried (an attempt failed), dead_lettered (a durable event given up on), dropped "
+                         "(a progress event given up on)", ["outcome"], registry=registry)
+for _outcome in WEBHOOK_OUTCOMES:
+    webhooks_total.labels(_outcome)
+
+
+def count_webhook(outcome: str) -> None:
+    """The WebhookSender's outcome hook (status_events.webhook_sender)."""
+    webhooks_total.labels(outcome).inc()
 
 _started: dict[str, float] = {}  # task id -> perf_counter at prerun
 _lock = threading.Lock()
@@ -97,6 +114,7 @@ class RunnerCollector(Collector):
         held.add_metric([], models.bytes_held if models else 0)
         yield from (loads, hits, load_seconds, held)
         yield from _gpu_memory()
+        yield from _webhook_outbox()
 
 
 def _loaded_models() -> Any:
@@ -116,6 +134,20 @@ def _gpu_memory() -> Iterator:
         reserved.add_metric([f"cuda:{index}"], torch.cuda.memory_reserved(index))
     yield allocated
     yield reserved
+
+
+def _webhook_outbox() -> Iterator:
+    """The fleet's pending webhook events (the outbox on this worker's Redis): one ZCARD per scrape."""
+    outbox = fleet_outbox()
+    try:
+        pending = outbox.size() if outbox is not None else None
+    except redis.RedisError:
+        pending = None
+    if pending is None:
+        return
+    gauge = GaugeMetricFamily("maskfleet_webhooks_pending", "Webhook events in the outbox, not yet delivered (the whole fleet's)")
+    gauge.add_metric([], pending)
+    yield gauge
 
 
 registry.register(RunnerCollector())

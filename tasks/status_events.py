@@ -28,8 +28,11 @@ callback (so in the prefork child), with its retry bound from the environment
 is unset or malformed, a job with a callback fails before running with
 ``RuntimeError("worker misconfigured: ...")``: the worker cannot sign, which is not the
 job's fault, and running it silently without its webhooks would be worse. At process
-shutdown the sender gets up to ``FLUSH_SECONDS`` to deliver what is queued; events still
-queued in a process that is killed (hard time limit, OOM) are lost.
+shutdown the sender gets up to ``FLUSH_SECONDS`` to deliver what is queued. The started
+and final events are written to the webhook outbox in Redis first (webhook_outbox.py),
+before the job is acknowledged: those of a process that is killed (hard time limit, OOM,
+the whole worker) are delivered by another worker's sweep (outbox_sweeper.py) once the
+dead sender's lease on them runs out. Progress events live in memory only.
 """
 from __future__ import annotations
 
@@ -46,8 +49,10 @@ from ..job import Callback, Job
 from .callback_policy import check_callback_url
 from .errors import InvalidJob
 from .lifecycle import Concern, TaskRun
+from .metrics import count_webhook
 from .progress import subscribe
-from .settings import TASK_NAME
+from .settings import TASK_NAME, load_settings
+from .webhook_outbox import fleet_outbox
 from .webhooks import WebhookSender, retry_options_from_env
 
 log = logging.getLogger(__name__)
@@ -70,7 +75,8 @@ def webhook_sender() -> WebhookSender:
             except ValueError as e:
                 raise RuntimeError(f"worker misconfigured: {e}") from None
             try:
-                _sender = (os.getpid(), WebhookSender(**options))
+                _sender = (os.getpid(), WebhookSender(**options, outbox=fleet_outbox(), lease=load_settings().webhook_lease,
+                                                      on_outcome=count_webhook))
             except ValueError as e:
                 raise RuntimeError(f"worker misconfigured: the job has a callback but {e}") from None
         return _sender[1]

@@ -41,13 +41,16 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
+import redis
 from standardwebhooks import Webhook
 from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
 from ..settings import load_settings, variable
+from .webhook_outbox import Outbox, OutboxEvent
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,7 @@ class _Event:
     job_id: str | None
     msg_id: str
     body: bytes
+    member: str | None = None  # its outbox entry, for a durable event (webhook_outbox.py)
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -153,8 +157,15 @@ class WebhookSender:
     def __init__(self, secret: str | bytes | None = None, *, timeout: float = 5.0,
                  max_attempts: int = 6, backoff: float = 0.5, max_backoff: float = 8.0,
                  deadline: float = 60.0, progress_interval: float = 1.0,
-                 max_queue: int = 10_000):
+                 max_queue: int = 10_000, outbox: Outbox | None = None, lease: float = 30.0,
+                 on_outcome: Callable[[str], None] | None = None):
         self._signer = Webhook(load_secret(secret))  # standardwebhooks signs; the key is checked here first
+        self.outbox = outbox  # None: every event lives in memory only
+        self.lease = lease
+        self._on_outcome = on_outcome or (lambda outcome: None)
+        self._held: set[str] = set()  # outbox members this sender holds (queued or being delivered)
+        self._unremoved: list[str] = []  # delivered, but their removal from the outbox failed: retried
+        self._keeper: threading.Thread | None = None
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.backoff = backoff
@@ -187,15 +198,48 @@ class WebhookSender:
         event = _Event(url=url, type=event_type, job_id=None if job_id is None else str(job_id),
                        msg_id=f"msg_{uuid.uuid4().hex}",
                        body=json.dumps(payload, separators=(",", ":"), default=str).encode())
+        if event.type != "job.progress" and self.outbox is not None and not self._closed:
+            self._store(event)
+        self._queue(event)
+
+    def resume(self, events: Iterable[OutboxEvent]) -> None:
+        """Deliver outbox events this process claimed from a sender that died (OutboxSweeper)."""
+        for stored in events:
+            event = _Event(url=stored.url, type=stored.type, job_id=stored.job_id, msg_id=stored.msg_id,
+                           body=stored.body.encode(), member=stored.member)
+            with self._cond:
+                self._held.add(stored.member)
+            self._queue(event)
+
+    def _store(self, event: _Event) -> None:
+        """Write a durable event to the outbox before it is queued; on a Redis error it stays in memory only."""
+        stored = OutboxEvent(url=event.url, type=event.type, job_id=event.job_id, msg_id=event.msg_id,
+                             body=event.body.decode(), emitted_at=time.time())
+        try:
+            self.outbox.add(stored, self.lease)  # type: ignore[union-attr]
+        except redis.RedisError as exc:
+            log.warning("webhook %s (%s) not written to the outbox (%s): it is delivered from memory only",
+                        event.type, event.msg_id, exc)
+            return
+        event.member = stored.member
+        with self._cond:
+            self._held.add(stored.member)
+            if self._keeper is None or not self._keeper.is_alive():
+                self._keeper = threading.Thread(target=self._keep_leases, name="maskfleet-webhooks outbox", daemon=True)
+                self._keeper.start()
+
+    def _queue(self, event: _Event) -> None:
         with self._cond:
             if self._closed:
-                log.warning("webhook %s for %s dropped: sender closed", event_type, _for_log(url))
+                log.warning("webhook %s for %s dropped: sender closed", event.type, url_for_log(event.url))
                 return
-            lane = self._lane(_destination(url))
+            lane = self._lane(_destination(event.url))
             try:
                 lane.queue.put_nowait(event)  # under the lock: the lane cannot end meanwhile
             except queue.Full:
-                log.warning("webhook %s for %s dropped: queue full", event_type, _for_log(url))
+                # A durable event stays in the outbox: another worker's sweep delivers it when its lease runs out.
+                log.warning("webhook %s for %s not queued: queue full", event.type, url_for_log(event.url))
+                self._held.discard(event.member)  # type: ignore[arg-type]
                 return
             self._outstanding += 1
             if event.type == "job.progress":
@@ -301,16 +345,56 @@ class WebhookSender:
             attempt += 1
             error, retryable, retry_after = self._attempt(event)
             if error is None:
-                self._done()
+                self._delivered(event)
                 return
             delay = min(retry_after if retry_after is not None
                         else self.backoff * 2 ** (attempt - 1), self.max_backoff)
             if not retryable or attempt == self.max_attempts or time.monotonic() + delay > deadline:
                 break
             log.info("webhook %s (%s) to %s failed (%s), retry %d in %.2f s", event.type,
-                     event.msg_id, _for_log(event.url), error, attempt, delay)
+                     event.msg_id, url_for_log(event.url), error, attempt, delay)
+            self._on_outcome("retried")
             self._stopping.wait(delay)
+        if self._stopping.is_set() and event.member is not None:
+            self._release(event)  # left in the outbox: another worker delivers it when the lease runs out
+            return
         self._drop(event, attempt, error)
+
+    def _delivered(self, event: _Event) -> None:
+        self._on_outcome("delivered")
+        if event.member is not None:
+            try:
+                self.outbox.remove([event.member])  # type: ignore[union-attr]
+            except redis.RedisError as exc:
+                log.info("webhook %s delivered; its outbox entry is removed later (%s)", event.msg_id, exc)
+                with self._cond:
+                    self._unremoved.append(event.member)
+        self._release(event)
+
+    def _release(self, event: _Event) -> None:
+        if event.member is not None:
+            with self._cond:
+                self._held.discard(event.member)
+        self._done()
+
+    def _keep_leases(self) -> None:
+        """While this sender holds outbox events, move their leases forward every lease / 3 and retry
+        removals that failed; ends when it holds none."""
+        while not self._stopping.wait(self.lease / 3):
+            with self._cond:
+                held, unremoved = list(self._held), self._unremoved
+                self._unremoved = []
+            try:
+                self.outbox.remove(unremoved)  # type: ignore[union-attr]
+                self.outbox.extend(held, self.lease)  # type: ignore[union-attr]
+            except redis.RedisError as exc:
+                log.warning("webhook outbox unreachable (%s); retrying in %.0f s", exc, self.lease / 3)
+                with self._cond:
+                    self._unremoved.extend(unremoved)
+            with self._cond:
+                if not self._held and not self._unremoved:
+                    self._keeper = None
+                    return
 
     def _attempt(self, event: _Event) -> tuple[str | None, bool, float | None]:
         """One POST: (error or None, retryable, Retry-After seconds or None)."""
@@ -336,8 +420,22 @@ class WebhookSender:
             return str(exc), False, None
 
     def _drop(self, event: _Event, attempts: int, error: str) -> None:
+        """Give up on an event: a durable one goes to the dead letters (replayable), any other is gone."""
+        if event.member is not None:
+            try:
+                self.outbox.dead_letter(OutboxEvent.of(event.member), error, attempts)  # type: ignore[union-attr]
+                log.warning("webhook %s (%s) to %s dead-lettered after %d attempt(s): %s", event.type,
+                            event.msg_id, url_for_log(event.url), attempts, error)
+                self._on_outcome("dead_lettered")
+                self._release(event)
+                return
+            except redis.RedisError as exc:
+                log.warning("webhook %s (%s) not dead-lettered (%s): left in the outbox", event.msg_id, event.type, exc)
+                self._release(event)
+                return
         log.warning("webhook %s (%s) to %s dropped after %d attempt(s): %s", event.type,
-                    event.msg_id, _for_log(event.url), attempts, error)
+                    event.msg_id, url_for_log(event.url), attempts, error)
+        self._on_outcome("dropped")
         self._done()
 
     def _done(self) -> None:
@@ -362,7 +460,7 @@ def _destination(url: str) -> str:
     return f"{parts.scheme.lower()}://{parts.netloc.rpartition('@')[2].lower()}"
 
 
-def _for_log(url: str) -> str:
+def url_for_log(url: str) -> str:
     """The URL without query or credentials (either may hold a token)."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"

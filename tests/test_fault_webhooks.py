@@ -123,7 +123,7 @@ def sender_retries(fleet, port: int) -> list[tuple[str, str, float]]:
 
 def dropped(fleet, port: int) -> list[tuple[str, str, int]]:
     text = fleet["worker"].log.read_text(errors="replace")
-    pattern = rf"webhook (job\.\w+) \((msg_\w+)\) to http://127\.0\.0\.1:{port}/hook dropped after (\d+) attempt"
+    pattern = rf"webhook (job\.\w+) \((msg_\w+)\) to http://127\.0\.0\.1:{port}/hook (?:dropped|dead-lettered) after (\d+) attempt"
     return [(kind, msg_id, int(n)) for kind, msg_id, n in re.findall(pattern, text)]
 
 
