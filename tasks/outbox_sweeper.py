@@ -7,9 +7,11 @@ them and hands them to its own sender (status_events.webhook_sender) in the orde
 were emitted, except:
 
 - an event older than MASKFLEET_WEBHOOK_MAX_AGE, which is dead-lettered;
-- a `started` event of a job that has ended since (its result is in the backend): the
-  job's final event, sent by whichever worker ran it to the end, may already be out, and
-  `started` after it would tell the receiver the job is running again. It is removed.
+- a `started` event of a job that has ended since (its result is in the backend) without
+  its final event among those taken over: that final event came from another worker (the
+  job was redelivered) and may already be out, and `started` after it would tell the
+  receiver the job is running again. It is removed. With its final event, both go out in
+  order.
 
 Once a minute it also checks the outbox's size against MASKFLEET_WEBHOOK_OUTBOX_MAX and
 dead-letters the oldest events past it.
@@ -28,6 +30,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from .settings import load_settings
 from .webhook_outbox import Outbox, OutboxEvent, fleet_outbox
+from .webhooks import FINAL_EVENT_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +80,13 @@ class OutboxSweeper:
             return 0
         sender = self.sender_of()  # before claiming: a worker that cannot sign must not take events
         events = self.outbox.claim(self.lease)
+        ending = {event.job_id for event in events if event.type in FINAL_EVENT_TYPES}
         due = []
         for event in events:
             if time.time() - event.emitted_at > self.max_age:
                 self.outbox.dead_letter(event, f"older than MASKFLEET_WEBHOOK_MAX_AGE ({self.max_age:g} s) when taken over", 0)
                 log.warning("webhook %s (%s) dead-lettered: too old when taken over", event.type, event.msg_id)
-            elif event.type == "job.started" and self._job_ended(event):
+            elif event.type == "job.started" and event.job_id not in ending and self._job_ended(event):
                 self.outbox.remove([event.member])
             else:
                 due.append(event)

@@ -207,8 +207,7 @@ class WebhookSender:
         for stored in events:
             event = _Event(url=stored.url, type=stored.type, job_id=stored.job_id, msg_id=stored.msg_id,
                            body=stored.body.encode(), member=stored.member)
-            with self._cond:
-                self._held.add(stored.member)
+            self._hold(stored.member)
             self._queue(event)
 
     def _store(self, event: _Event) -> None:
@@ -222,8 +221,12 @@ class WebhookSender:
                         event.type, event.msg_id, exc)
             return
         event.member = stored.member
+        self._hold(stored.member)
+
+    def _hold(self, member: str) -> None:
+        """Hold an outbox event: its lease is renewed (`_keep_leases`) until it is delivered or dead-lettered."""
         with self._cond:
-            self._held.add(stored.member)
+            self._held.add(member)
             if self._keeper is None or not self._keeper.is_alive():
                 self._keeper = threading.Thread(target=self._keep_leases, name="maskfleet-webhooks outbox", daemon=True)
                 self._keeper.start()
