@@ -12,6 +12,8 @@ steps, submitted one after another through the client and waited for (the
 bench hears each job end on its result channel, so it adds no command); commands per job by name, the
 PROGRESS writes among them (one per MASKFLEET_PROGRESS_SECONDS of sampling, plus the first
 and the last), and bytes written to Redis per job.
+The same again with a callback on every job (a webhook receiver on loopback): what the
+webhooks and their outbox add per job.
 (b) Idle: 1, 2, 4 and --max-workers workers started together, then --idle-seconds of
 nothing; commands/s and bytes out/s per worker, and the growth law fitted on bytes out
 (bytes_out ~ workers^k).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -36,6 +39,7 @@ from fleet_workers import Worker  # noqa: E402
 from golden_jobs import make_models_dir  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 from tiny_jobs import job_from, write_tiny_inputs  # noqa: E402
+from webhook_receiver import SECRET, Receiver  # noqa: E402
 
 from maskfleet.client import _app, submit  # noqa: E402
 from maskfleet.tasks.settings import model_queue  # noqa: E402
@@ -56,12 +60,17 @@ def delta(before, after) -> tuple[Counter, int, int]:
     return +calls, after[1] - before[1], after[2] - before[2]
 
 
-def per_job(server: RedisServer, root: Path, args) -> None:
+def per_job(server: RedisServer, root: Path, args, callback: str | None = None) -> Counter:
+    """Part (a); with `callback` (a receiver's URL) every job carries it; the commands per job by name."""
     url = server.url()
     models = make_models_dir(root)
     template = write_tiny_inputs(root / "inputs", size=args.size)
+    if callback is not None:
+        template = {**template, "callback": {"url": callback}}
+    hooks = {} if callback is None else {"MASKFLEET_WEBHOOK_SECRET": SECRET,
+                                         "MASKFLEET_CALLBACK_ALLOWLIST": os.environ["MASKFLEET_CALLBACK_ALLOWLIST"]}
     worker = Worker("cost", [model_queue("tiny")], url, models, root / "worker.log",
-                    extra_env={"MASKFLEET_TORCH_THREADS": "1"})
+                    extra_env={"MASKFLEET_TORCH_THREADS": "1", **hooks})
     try:
         app = _app(url)
         worker.wait_ready(app)
@@ -87,15 +96,31 @@ def per_job(server: RedisServer, root: Path, args) -> None:
         total = sum(calls.values()) / args.jobs
         # Each state write publishes once: STARTED, SUCCESS, and the PROGRESS writes (SET + PUBLISH each).
         progress_writes = calls["publish"] / args.jobs - 2
-        print(f"(a) per job ({args.steps} steps, {args.size}x{args.size} latent, {seconds / args.jobs:.2f} s from submit "
+        print(f"(a) per job{' with a callback (every event)' if callback else ''} ({args.steps} steps, {args.size}x{args.size} latent, {seconds / args.jobs:.2f} s from submit "
               f"to SUCCESS, {args.jobs} jobs, one worker): {total:.1f} commands, "
               f"{bytes_in / args.jobs / 1024:.1f} KB written, {bytes_out / args.jobs / 1024:.1f} KB read "
               f"(the worker's idle background, {idle_calls:.1f} commands/s, is included)")
         print(f"    of which PROGRESS writes: {progress_writes:.1f} ({2 * progress_writes:.1f} commands); "
               f"the rest, {total - 2 * progress_writes:.1f} commands, does not depend on steps or time")
         print("    by command:", ", ".join(f"{name} {n / args.jobs:.1f}" for name, n in calls.most_common()))
+        return calls
     finally:
         worker.stop()
+
+
+def with_callback(server: RedisServer, root: Path, args, plain: Counter) -> None:
+    """(a) again with every job posting its webhooks to a receiver on loopback: what the outbox adds."""
+    hook = Receiver()
+    (root / "callback").mkdir()
+    os.environ["MASKFLEET_CALLBACK_ALLOWLIST"] = f"127.0.0.1:{hook.server.server_address[1]}"  # the client checks it too
+    try:
+        calls = per_job(server, root / "callback", args, callback=hook.url)
+    finally:
+        hook.close()
+    added = {name: (calls[name] - plain[name]) / args.jobs for name in set(calls) | set(plain)}
+    shown = ", ".join(f"{name} {n:+.1f}" for name, n in sorted(added.items(), key=lambda kv: -abs(kv[1])) if abs(n) >= 0.1)
+    print(f"    a callback adds {sum(added.values()):+.1f} commands per job ({shown}); the outbox's own are the "
+          f"ZADD and ZREM of its started and final events; receiver got {len(hook.received)} events")
 
 
 def wait_final(ends, task_id: str, deadline: float) -> None:
@@ -169,7 +194,8 @@ def main() -> None:
     server = RedisServer(root).start()
     try:
         print(f"machine: {cpu_model()}; a private Redis; workers -P prefork -c 1, one torch thread")
-        per_job(server, root, args)
+        plain = per_job(server, root, args)
+        with_callback(server, root, args, plain)
         idle(server, root, args)
     finally:
         server.stop()

@@ -182,7 +182,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .settings import load_settings
     from .tasks.broker_routes import common_route
     from .tasks.redis_urls import redacted
-    from .worker.launcher import run_workers, worker_queues, worker_specs
+    from .worker.launcher import reserve_names, run_workers, worker_queues, worker_specs
 
     served = [m.strip() for m in args.models_served.split(",") if m.strip()] if args.models_served else None
     extra = args.celery_args[1:] if args.celery_args[:1] == ["--"] else args.celery_args
@@ -190,7 +190,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         group = common_route(load_settings(), served or [])
     except ValueError as e:
         raise SystemExit(f"maskfleet worker: {e}") from None
-    specs = worker_specs(args.device, worker_queues(served), args.concurrency, args.loglevel, extra, group)
+    specs = reserve_names(worker_specs(args.device, worker_queues(served), args.concurrency, args.loglevel, extra, group))
     for spec in specs:
         print(f"[maskfleet] starting {spec.name} on queues {spec.argv[spec.argv.index('-Q') + 1]} "
               f"(Redis {redacted(load_settings(spec.env).broker_url)})", file=sys.stderr)

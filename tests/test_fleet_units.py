@@ -78,6 +78,18 @@ def test_launcher_plans_one_cpu_worker_or_one_per_gpu(monkeypatch):
     assert flagged.argv[-1] == "--prefetch-multiplier=4" and "--without-heartbeat" in flagged.argv  # ours, then theirs
 
 
+def test_workers_on_one_host_get_node_names_of_their_own(monkeypatch, tmp_path):
+    """A second `maskfleet worker` on the host gets -2 (its node name held by a lock file while it runs)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    [first] = launcher.reserve_names(launcher.worker_specs("cpu", ["q"]), tmp_path)
+    assert first.name.endswith("-cpu")
+    [second] = launcher.reserve_names(launcher.worker_specs("cpu", ["q"]), tmp_path)
+    assert second.name == f"{first.name}-2" and second.argv[second.argv.index("-n") + 1] == second.name
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    gpus = launcher.reserve_names(launcher.worker_specs("auto", ["q"]), tmp_path)
+    assert [s.name.rsplit("-", 1)[1] for s in gpus] == ["gpu0", "gpu1"]  # names nobody holds stay as they are
+
+
 def test_launcher_default_queues_cover_the_local_store(tmp_path, monkeypatch):
     (tmp_path / "m1").mkdir()
     monkeypatch.setenv("MASKFLEET_MODELS", str(tmp_path))

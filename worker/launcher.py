@@ -1,7 +1,8 @@
 """`maskfleet worker`: one Celery worker process per visible GPU, or one on the CPU.
 
 Each child is `celery -A maskfleet.tasks.app worker -P prefork -c 1`, pinned to its GPU
-with CUDA_VISIBLE_DEVICES and named maskfleet@<host>-gpuN (or -cpu). Prefork with one
+with CUDA_VISIBLE_DEVICES and named maskfleet@<host>-gpuN (or -cpu; a second `maskfleet
+worker` on the same host gets -cpu-2, and so on: `reserve_names`). Prefork with one
 child keeps time limits and termination working, and the model is loaded in that child
 after the fork. With MASKFLEET_PIPELINE=1 each is a thread-pool worker instead
 (tasks/pipelined_worker.py): job threads around one model lane, so the GPU never waits
@@ -22,13 +23,16 @@ shutdown: stop now; the unacked job is redelivered). The launcher exits when the
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..tasks.broker_routes import route_url
 from ..tasks.pipelined_worker import pool_arguments
@@ -100,6 +104,42 @@ def worker_specs(device: str, queues: list[str], concurrency: int = 1, loglevel:
                 *(celery_args or [])]
         specs.append(WorkerSpec(name, {**os.environ, **group, **extra}, argv))
     return specs
+
+
+_reserved: list = []  # the open lock files of this process's node names, held until it exits
+
+
+def reserve_names(specs: list[WorkerSpec], lock_dir: Path | None = None) -> list[WorkerSpec]:
+    """The specs with node names no other `maskfleet worker` on this host holds: the first keeps
+    its name (maskfleet@<host>-cpu), later ones get -2, -3... (several CPU workers on one host
+    would otherwise share one name, which Celery warns about and its remote control confuses).
+
+    A name is held with an flock on a file in `lock_dir` (the temp dir's maskfleet-nodes),
+    for the life of this process; without a usable lock dir the names stay as they are.
+    """
+    lock_dir = lock_dir or Path(tempfile.gettempdir()) / "maskfleet-nodes"
+    try:
+        lock_dir.mkdir(mode=0o700, exist_ok=True)
+    except OSError:
+        return specs
+    named = []
+    for spec in specs:
+        for n in range(1, 1000):
+            name = spec.name if n == 1 else f"{spec.name}-{n}"
+            held = open(lock_dir / name, "a")
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.close()
+                continue
+            _reserved.append(held)
+            argv = list(spec.argv)
+            argv[argv.index("-n") + 1] = name
+            named.append(WorkerSpec(name, spec.env, argv))
+            break
+        else:
+            named.append(spec)
+    return named
 
 
 def run_workers(specs: list[WorkerSpec]) -> int:
