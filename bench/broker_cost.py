@@ -74,7 +74,7 @@ def per_job(server: RedisServer, root: Path, args, callback: str | None = None) 
     try:
         app = _app(url)
         worker.wait_ready(app)
-        submit(job_from(template, "warm", root / "warm.latent", steps=args.steps), broker_url=url).wait(120)
+        submit(job_from(template, f"warm-{time.time_ns()}", root / "warm.latent", steps=args.steps), broker_url=url).wait(120)
         time.sleep(1.0)
         client = server.client()
         # The end of each job is heard on its result channel, so the bench adds no command per job.

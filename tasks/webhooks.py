@@ -153,6 +153,7 @@ class WebhookSender:
     """
 
     LANE_IDLE_S = 30.0
+    REMOVE_EVERY = 1.0  # seconds between the outbox removals of delivered events (batched in one ZREM)
 
     def __init__(self, secret: str | bytes | None = None, *, timeout: float = 5.0,
                  max_attempts: int = 6, backoff: float = 0.5, max_backoff: float = 8.0,
@@ -164,7 +165,7 @@ class WebhookSender:
         self.lease = lease
         self._on_outcome = on_outcome or (lambda outcome: None)
         self._held: set[str] = set()  # outbox members this sender holds (queued or being delivered)
-        self._unremoved: list[str] = []  # delivered, but their removal from the outbox failed: retried
+        self._unremoved: list[str] = []  # delivered, to be removed from the outbox (`_keep_leases`)
         self._keeper: threading.Thread | None = None
         self.timeout = timeout
         self.max_attempts = max_attempts
@@ -250,9 +251,9 @@ class WebhookSender:
                 lane.queued_progress[key] = lane.queued_progress.get(key, 0) + 1
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every emitted event was delivered or dropped; False on timeout."""
+        """Wait until every emitted event was delivered (and removed from the outbox) or dropped; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._outstanding == 0, timeout)
+            return self._cond.wait_for(lambda: self._outstanding == 0 and not self._unremoved, timeout)
 
     def close(self, timeout: float | None = 5.0) -> bool:
         """Flush (up to ``timeout``), then stop the threads; later emits are dropped."""
@@ -366,12 +367,8 @@ class WebhookSender:
     def _delivered(self, event: _Event) -> None:
         self._on_outcome("delivered")
         if event.member is not None:
-            try:
-                self.outbox.remove([event.member])  # type: ignore[union-attr]
-            except redis.RedisError as exc:
-                log.info("webhook %s delivered; its outbox entry is removed later (%s)", event.msg_id, exc)
-                with self._cond:
-                    self._unremoved.append(event.member)
+            with self._cond:  # removed by `_keep_leases` within REMOVE_EVERY, with the others delivered meanwhile
+                self._unremoved.append(event.member)
         self._release(event)
 
     def _release(self, event: _Event) -> None:
@@ -381,20 +378,26 @@ class WebhookSender:
         self._done()
 
     def _keep_leases(self) -> None:
-        """While this sender holds outbox events, move their leases forward every lease / 3 and retry
-        removals that failed; ends when it holds none."""
-        while not self._stopping.wait(self.lease / 3):
+        """While this sender holds outbox events or has delivered ones to remove: remove those every
+        REMOVE_EVERY seconds (one ZREM for all of them) and move the leases of the held ones forward
+        every lease / 3. Ends when there is nothing left to do."""
+        tick = min(self.REMOVE_EVERY, self.lease / 3)
+        renewed = time.monotonic()
+        while not self._stopping.wait(tick):
             with self._cond:
-                held, unremoved = list(self._held), self._unremoved
-                self._unremoved = []
+                held, unremoved = list(self._held), list(self._unremoved)
+            renew = held and time.monotonic() - renewed >= self.lease / 3 - tick / 2
             try:
                 self.outbox.remove(unremoved)  # type: ignore[union-attr]
-                self.outbox.extend(held, self.lease)  # type: ignore[union-attr]
-            except redis.RedisError as exc:
-                log.warning("webhook outbox unreachable (%s); retrying in %.0f s", exc, self.lease / 3)
                 with self._cond:
-                    self._unremoved.extend(unremoved)
+                    del self._unremoved[:len(unremoved)]  # only appended to meanwhile
+                if renew:
+                    self.outbox.extend(held, self.lease)  # type: ignore[union-attr]
+                    renewed = time.monotonic()
+            except redis.RedisError as exc:
+                log.warning("webhook outbox unreachable (%s); retrying in %.1f s", exc, tick)
             with self._cond:
+                self._cond.notify_all()
                 if not self._held and not self._unremoved:
                     self._keeper = None
                     return

@@ -113,6 +113,7 @@ def take_over(outbox, taker, hook, count: int) -> None:
         return len(hook.received) >= count
 
     wait_until(received_all, 15, f"{count} events taken over")
+    assert taker.flush(10)  # delivered and removed from the outbox
 
 
 def test_started_and_final_events_stay_in_the_outbox_until_delivered(outbox, senders, receivers):
