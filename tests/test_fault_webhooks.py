@@ -22,6 +22,7 @@ import pytest
 from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
 from webhook_receiver import SECRET, Receiver, clear_proxies
 
+from maskfleet.cli import main
 from maskfleet.client import _app, submit
 from maskfleet.tasks.settings import model_queue
 from maskfleet.tasks.webhooks import WebhookSender, retry_options_from_env
@@ -33,6 +34,7 @@ BACKOFF = 0.1
 DEADLINE = 30
 TIMEOUT = 3
 RETRY_SPAN = sum(min(BACKOFF * 2 ** n, 8.0) for n in range(MAX_ATTEMPTS - 1))  # first to last attempt, 12.7 s
+LEASE = 4  # the outbox sweep runs every 2 s: a replayed event goes out within that
 PORTS = ("down", "other", "slow", "flaky", "dead", "too-slow")
 
 require_redis()
@@ -61,6 +63,7 @@ def fleet(tmp_path_factory):
                                    "MASKFLEET_WEBHOOK_BACKOFF": str(BACKOFF),
                                    "MASKFLEET_WEBHOOK_DEADLINE": str(DEADLINE),
                                    "MASKFLEET_WEBHOOK_TIMEOUT": str(TIMEOUT),
+                                   "MASKFLEET_WEBHOOK_LEASE": str(LEASE),
                                    "MASKFLEET_TORCH_THREADS": "1"})
         app = _app(url)
         worker.wait_ready(app)
@@ -206,7 +209,7 @@ def test_receiver_answering_500_for_a_while_gets_the_events(fleet, receivers):
     print(f"500 x{failures}: started delivered on attempt {len(started)}, gaps {[round(g, 2) for g in gaps]} s")
 
 
-def test_receiver_always_answering_500_is_given_up_after_the_bound_without_holding_others(fleet, receivers):
+def test_receiver_always_answering_500_is_given_up_after_the_bound_without_holding_others(fleet, receivers, capsys):
     hook = receivers(port=fleet["ports"]["dead"], statuses=[500] * 100)
     port = hook.server.server_address[1]
     job = make_job(fleet, "dead", port, events=["succeeded"])
@@ -229,8 +232,20 @@ def test_receiver_always_answering_500_is_given_up_after_the_bound_without_holdi
     span = attempts[-1].at - attempts[0].at
     assert RETRY_SPAN * 0.9 <= span <= DEADLINE
     assert_growing([wait for _, _, wait in sender_retries(fleet, port)])
-    print(f"always 500: {len(attempts)} attempts over {span:.2f} s, then dropped; the next job's events "
-          f"arrived while it was at attempt {retrying}")
+
+    # Dead-lettered, not lost: listed, then replayed once the receiver answers again.
+    assert main(["webhooks", "--redis", fleet["url"], "list-failed"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    mine = [entry for entry in listed if entry["job_id"] == job["job_id"]]
+    assert [(e["type"], e["webhook_id"], e["error"], e["attempts"]) for e in mine] == \
+        [("job.succeeded", gave_up[0][1], "HTTP 500", MAX_ATTEMPTS)]
+    with hook.lock:
+        hook.statuses.clear()
+    assert main(["webhooks", "--redis", fleet["url"], "replay", mine[0]["id"]]) == 0
+    replayed = wait_for(lambda: delivered(hook, job["job_id"]), 4 * LEASE, "the replayed event")
+    assert [(msg_id, kind) for msg_id, kind, _ in replayed] == [(gave_up[0][1], "job.succeeded")]
+    print(f"always 500: {len(attempts)} attempts over {span:.2f} s, then dead-lettered; the next job's events "
+          f"arrived while it was at attempt {retrying}; replayed by the CLI and delivered with the same webhook-id")
 
 
 def test_receiver_too_slow_once_gets_the_event_again_with_the_same_id(fleet, receivers):
