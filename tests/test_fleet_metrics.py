@@ -7,6 +7,7 @@ import time
 import pytest
 from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
 from metrics_scrape import free_port, scrape
+from webhook_receiver import SECRET, Receiver, clear_proxies
 
 from maskfleet.client import JobFailed, _app, submit
 from maskfleet.tasks.settings import model_queue
@@ -24,15 +25,21 @@ def make_job(root, name: str) -> dict:
     return job
 
 
-def test_worker_serves_job_metrics(tmp_path):
+def test_worker_serves_job_metrics(tmp_path, monkeypatch):
     url = claim_db_url()
     flush(url)
     port = free_port()
+    hook = Receiver()
+    allowed = f"127.0.0.1:{hook.server.server_address[1]}"
+    clear_proxies(monkeypatch)
+    monkeypatch.setenv("MASKFLEET_CALLBACK_ALLOWLIST", allowed)
     worker = Worker("metrics", [model_queue("tiny")], url, make_models_dir(tmp_path), tmp_path / "worker.log",
-                    extra_env={"MASKFLEET_METRICS_PORT": str(port), "MASKFLEET_METRICS_ADDR": "127.0.0.1"})
+                    extra_env={"MASKFLEET_METRICS_PORT": str(port), "MASKFLEET_METRICS_ADDR": "127.0.0.1",
+                               "MASKFLEET_WEBHOOK_SECRET": SECRET, "MASKFLEET_CALLBACK_ALLOWLIST": allowed})
     try:
         worker.wait_ready(_app(url))
         good = make_job(tmp_path, "good")
+        good["callback"] = {"url": hook.url, "events": ["started", "succeeded"]}
         assert submit(good, broker_url=url).wait(60)["shape"] == [1, 4, 32, 32]
         bad = make_job(tmp_path, "bad")
         bad["base_sampler"]["model"] = "missing"
@@ -43,7 +50,9 @@ def test_worker_serves_job_metrics(tmp_path):
         while True:
             try:
                 metrics = scrape(port)
-                if metrics.get(("maskfleet_jobs_total", (("outcome", "failed"),))) == 1:
+                if (metrics.get(("maskfleet_jobs_total", (("outcome", "failed"),))) == 1
+                        and metrics.get(("maskfleet_webhooks_total", (("outcome", "delivered"),))) == 2
+                        and metrics.get(("maskfleet_webhooks_pending", ())) == 0):
                     break
             except OSError:
                 metrics = {}
@@ -59,6 +68,9 @@ def test_worker_serves_job_metrics(tmp_path):
         assert ("maskfleet_model_cache_hits_total", ()) in metrics
         assert metrics[("maskfleet_model_bytes", ())] > 0  # the tiny UNet's weights, held
         assert not any(name.startswith("maskfleet_gpu_memory") for name, _ in metrics)  # CPU worker: absent
+        assert hook.types() == ["job.started", "job.succeeded"]
+        assert metrics[("maskfleet_webhooks_total", (("outcome", "dead_lettered"),))] == 0
     finally:
         worker.stop()
+        hook.close()
         flush(url)
