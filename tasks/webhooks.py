@@ -164,7 +164,7 @@ class WebhookSender:
         self.outbox = outbox  # None: every event lives in memory only
         self.lease = lease
         self._on_outcome = on_outcome or (lambda outcome: None)
-        self._held: set[str] = set()  # outbox members this sender holds (queued or being delivered)
+        self._leased: set[str] = set()  # outbox members this sender holds (queued or being delivered)
         self._unremoved: list[str] = []  # delivered, to be removed from the outbox (`_keep_leases`)
         self._keeper: threading.Thread | None = None
         self.timeout = timeout
@@ -227,7 +227,7 @@ class WebhookSender:
     def _hold(self, member: str) -> None:
         """Hold an outbox event: its lease is renewed (`_keep_leases`) until it is delivered or dead-lettered."""
         with self._cond:
-            self._held.add(member)
+            self._leased.add(member)
             if self._keeper is None or not self._keeper.is_alive():
                 self._keeper = threading.Thread(target=self._keep_leases, name="maskfleet-webhooks outbox", daemon=True)
                 self._keeper.start()
@@ -243,7 +243,7 @@ class WebhookSender:
             except queue.Full:
                 # A durable event stays in the outbox: another worker's sweep delivers it when its lease runs out.
                 log.warning("webhook %s for %s not queued: queue full", event.type, url_for_log(event.url))
-                self._held.discard(event.member)  # type: ignore[arg-type]
+                self._leased.discard(event.member)  # type: ignore[arg-type]
                 return
             self._outstanding += 1
             if event.type == "job.progress":
@@ -374,7 +374,7 @@ class WebhookSender:
     def _release(self, event: _Event) -> None:
         if event.member is not None:
             with self._cond:
-                self._held.discard(event.member)
+                self._leased.discard(event.member)
         self._done()
 
     def _keep_leases(self) -> None:
@@ -385,7 +385,7 @@ class WebhookSender:
         renewed = time.monotonic()
         while not self._stopping.wait(tick):
             with self._cond:
-                held, unremoved = list(self._held), list(self._unremoved)
+                held, unremoved = list(self._leased), list(self._unremoved)
             renew = held and time.monotonic() - renewed >= self.lease / 3 - tick / 2
             try:
                 self.outbox.remove(unremoved)  # type: ignore[union-attr]
@@ -398,7 +398,7 @@ class WebhookSender:
                 log.warning("webhook outbox unreachable (%s); retrying in %.1f s", exc, tick)
             with self._cond:
                 self._cond.notify_all()
-                if not self._held and not self._unremoved:
+                if not self._leased and not self._unremoved:
                     self._keeper = None
                     return
 

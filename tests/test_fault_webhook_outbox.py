@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 
 import pytest
 import redis
 from golden_jobs import IN_REPO_GOLDEN, fleet_job, make_models_dir
+from metrics_scrape import free_port
 from webhook_receiver import SECRET, Receiver, clear_proxies
 
 from maskfleet.client import _app, submit
@@ -33,9 +33,7 @@ require_redis()
 
 def test_a_killed_workers_events_are_delivered_by_another_worker(tmp_path):
     url = claim_db_url()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     allowed = f"127.0.0.1:{port}"
     env = pytest.MonkeyPatch()
     worker_env = {"MASKFLEET_WEBHOOK_SECRET": SECRET, "MASKFLEET_CALLBACK_ALLOWLIST": allowed,

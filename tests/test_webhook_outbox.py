@@ -8,11 +8,11 @@ fleet test in test_fault_webhooks.py kills a real worker).
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
 import pytest
+from metrics_scrape import free_port
 from redis_server import RedisServer
 from webhook_receiver import SECRET, Receiver, clear_proxies
 
@@ -33,12 +33,6 @@ def wait_until(predicate, timeout: float, what: str):
         if time.monotonic() > deadline:
             raise AssertionError(f"no {what} after {timeout} s")
         time.sleep(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
