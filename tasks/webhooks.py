@@ -3,8 +3,10 @@
 Why threads: the caller is the sampling loop on a GPU. A receiver that is slow, down
 or answering 500 must cost that loop nothing, so :meth:`WebhookSender.emit` only
 serialises the event and puts it on a queue; a daemon thread per destination posts the
-events in order, retries with exponential backoff, and drops an event (with a log line)
-once its attempts or its deadline run out. One thread per destination because one
+events in order, retries with exponential backoff, and gives an event up (with a log
+line) once its attempts or its deadline run out. A job's started and final events are
+written to the Redis outbox first (webhook_outbox.py) and removed once delivered: given
+up, they are dead-lettered, and a process that dies leaves them to another worker. One thread per destination because one
 receiver that is down would otherwise hold every other job's webhooks behind its
 retries; stale progress behind a slow receiver is skipped for the newest for the same
 reason. The retry bound comes from the MASKFLEET_WEBHOOK_* settings on workers.
@@ -430,15 +432,14 @@ class WebhookSender:
         if event.member is not None:
             try:
                 self.outbox.dead_letter(OutboxEvent.of(event.member), error, attempts)  # type: ignore[union-attr]
+            except redis.RedisError as exc:  # its lease runs out and another worker tries again
+                log.warning("webhook %s (%s) not dead-lettered (%s): left in the outbox", event.type, event.msg_id, exc)
+            else:
                 log.warning("webhook %s (%s) to %s dead-lettered after %d attempt(s): %s", event.type,
                             event.msg_id, url_for_log(event.url), attempts, error)
                 self._on_outcome("dead_lettered")
-                self._release(event)
-                return
-            except redis.RedisError as exc:
-                log.warning("webhook %s (%s) not dead-lettered (%s): left in the outbox", event.msg_id, event.type, exc)
-                self._release(event)
-                return
+            self._release(event)
+            return
         log.warning("webhook %s (%s) to %s dropped after %d attempt(s): %s", event.type,
                     event.msg_id, url_for_log(event.url), attempts, error)
         self._on_outcome("dropped")
