@@ -83,8 +83,11 @@ class Worker:
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
-            if app.control.ping(destination=[self.name], timeout=0.5):
-                return
+            try:
+                if app.control.ping(destination=[self.name], timeout=0.5):
+                    return
+            except (redis.RedisError, OSError):  # the producer's connection to a broker that was restarted
+                pass
             time.sleep(0.3)
         raise TimeoutError(f"worker not ready:\n{self.log.read_text()[-3000:]}")
 

@@ -2,10 +2,11 @@
 
 Real processes: worker A runs four jobs whose callback points at a receiver that is down,
 so their `started` and `succeeded` events sit in the outbox while A retries them. A is
-killed with SIGKILL (main process and pool child: the host is gone), worker B starts,
-the receiver comes back, and every event must arrive, from B, with the webhook-id it had
-in A's outbox, `started` before `succeeded`. The lease is shortened to 2 s (sweeps every
-second) so the test does not wait the default 30 s.
+killed with SIGKILL (main process and pool child: the host is gone), the Redis (a private
+redis-server with its append-only file) is restarted, worker B starts, the receiver comes
+back, and every event must arrive, from B, with the webhook-id it had in A's outbox,
+`started` before `succeeded`. The lease is shortened to 2 s (sweeps every second) so the
+test does not wait the default 30 s.
 """
 from __future__ import annotations
 
@@ -22,17 +23,17 @@ from webhook_receiver import SECRET, Receiver, clear_proxies
 from maskfleet.client import _app, submit
 from maskfleet.tasks.settings import model_queue
 from maskfleet.tasks.webhook_outbox import OUTBOX_KEY, OutboxEvent
-from fleet_workers import Worker, claim_db_url, flush, require_redis, wait_for
+from fleet_workers import Worker, wait_for
+from redis_server import RedisServer
 
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
 JOBS = 4
 LEASE = 2
 
-require_redis()
 
-
-def test_a_killed_workers_events_are_delivered_by_another_worker(tmp_path):
-    url = claim_db_url()
+def test_a_killed_workers_events_survive_a_redis_restart_and_are_delivered_by_another_worker(tmp_path):
+    server = RedisServer(tmp_path, persistent=True).start()
+    url = server.url()
     port = free_port()
     allowed = f"127.0.0.1:{port}"
     env = pytest.MonkeyPatch()
@@ -59,6 +60,9 @@ def test_a_killed_workers_events_are_delivered_by_another_worker(tmp_path):
 
         os.killpg(a.proc.pid, signal.SIGKILL)  # parent and child at once, mid-retry
         a.proc.wait()
+        server.restart()
+        client = server.client()  # the old connection went with the server
+        assert sorted(client.zrange(OUTBOX_KEY, 0, -1)) == sorted(pending)  # the append-only file kept them
         b = Worker("outbox-b", [model_queue("tiny")], url, models, tmp_path / "b.log", extra_env=worker_env)
         workers.append(b)
         b.wait_ready(app)
@@ -89,4 +93,4 @@ def test_a_killed_workers_events_are_delivered_by_another_worker(tmp_path):
         if hook is not None:
             hook.close()
         env.undo()
-        flush(url)
+        server.stop()
