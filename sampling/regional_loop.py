@@ -56,7 +56,7 @@ def sample_regional(job: SamplingJob, randomness: Randomness, on_progress: Progr
         if should_stop is not None and should_stop():
             raise SamplingStopped(f"stopped before step {span.start} ({which} sampler)")
         sampler = job.base if which == "base" else job.mask_sampler
-        recovery = None if span.add_noise else RATIO_BETWEEN
+        recovery = None if span.add_noise else RATIO_BETWEEN  # the base-only step (it adds the noise) has none
         out = OneCall(sampler, region, span, randomness, schedules, recovery).run(x)
         if on_progress is not None:
             on_progress(done, total_calls, which)
