@@ -68,20 +68,28 @@ def _read_job(path: str):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .job_pipeline import RunOptions, run_job
+    """Each job in turn in one pipeline (models load once); a result line per job, an invalid job
+    reported (naming its file when there are several) and the others run."""
+    from .job_pipeline import JobPipeline, RunOptions
     from .sampling.errors import InvalidInput
     from .storage.errors import InvalidFile
     from .storage.model_store import models_root_from
 
-    try:
-        job = _read_job(args.job)
-        options = RunOptions(models_root=models_root_from(args.models), device=args.device, dtype=args.dtype)
-        result = run_job(job, options, on_progress=None if args.quiet else _progress_printer(sys.stderr))
-    except (JobError, InvalidInput, InvalidFile) as e:
-        print(f"maskfleet: invalid job: {e}", file=sys.stderr)
-        return EXIT_INVALID
-    print(json.dumps(result))
-    return 0
+    code, pipeline = 0, None
+    for path in args.job:
+        try:
+            job = _read_job(path)
+            if pipeline is None:
+                pipeline = JobPipeline(RunOptions(models_root=models_root_from(args.models), device=args.device,
+                                                  dtype=args.dtype))
+            result = pipeline.run(job, None if args.quiet else _progress_printer(sys.stderr))
+        except (JobError, InvalidInput, InvalidFile) as e:
+            where = f" {path}" if len(args.job) > 1 else ""
+            print(f"maskfleet: invalid job{where}: {e}", file=sys.stderr)
+            code = EXIT_INVALID
+            continue
+        print(json.dumps(result), flush=True)
+    return code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -268,11 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run a job in this process on local files",
-        description="Run a job (JSON file) in this process and print a JSON result.",
+        description="Run jobs (JSON files) in this process, one after another with the models loaded once, and "
+                    "print a JSON result line for each.",
         epilog="job fields:\n" + field_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("job", help="path of the job JSON file")
+    run.add_argument("job", nargs="+", help="path of a job JSON file (several: run in turn)")
     run.add_argument("--models", help="model store: a directory or s3://bucket/prefix (default: $MASKFLEET_MODELS)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model weights dtype")

@@ -44,6 +44,22 @@ def test_run_prints_result_and_writes_a_comfyui_latent(job, capsys):
     assert set(tensors) == {"latent_tensor", "latent_format_version_0"}  # what ComfyUI's LoadLatent reads unscaled
 
 
+def test_run_takes_several_jobs_and_reports_a_bad_one_by_file(job, tmp_path, capsys):
+    job_dict, job_path, models = job
+    second = {**job_dict, "job_id": "second", "output": (tmp_path / "second.latent").as_uri()}
+    second_path = tmp_path / "second.json"
+    second_path.write_text(json.dumps(second))
+    bad_path = tmp_path / "bad.json"
+    bad_path.write_text(json.dumps({**job_dict, "steps": 0}))
+    code = main(["run", str(job_path), str(bad_path), str(second_path), "--models", str(models), "--device", "cpu", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 2
+    results = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["job_id"] for r in results] == [job_dict["job_id"], "second"]
+    assert results[0]["sha256"] == results[1]["sha256"]  # the same job twice: the same bits
+    assert f"invalid job {bad_path}: steps" in captured.err
+
+
 def _set(d, dotted, value):
     keys = dotted.split(".")
     for k in keys[:-1]:
