@@ -5,6 +5,10 @@ Keys (all expire after MASKFLEET_RESULT_EXPIRES):
 - maskfleet:done:<job_id>       the result of a job id that finished, with the job's digest
 - maskfleet:cancel:<task_id>    a cancel request, read by the worker between sampler calls
 - maskfleet:deliveries:<task_id> deliveries of a job whose worker died (deliveries.py)
+
+And two that do not expire, kept until delivered or trimmed by their size limits (webhook_outbox.py):
+- maskfleet:webhooks:outbox     started and final webhook events not yet delivered (a sorted set)
+- maskfleet:webhooks:dead       webhook events given up on (a capped stream)
 """
 from __future__ import annotations
 
@@ -47,6 +51,10 @@ def connection(url: str | None = None) -> redis.Redis:
             _clients.pop(next(iter(_clients))).close()
         client = _clients[key] = redis_client(url)
     return client
+
+
+WEBHOOK_OUTBOX_KEY = f"{KEY_PREFIX}:webhooks:outbox"
+WEBHOOK_DEAD_KEY = f"{KEY_PREFIX}:webhooks:dead"
 
 
 def submitted_key(job_id: str) -> str:

@@ -27,20 +27,16 @@ attempt, so receivers deduplicate on the id (delivery is at least once).
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import redis
 
+from .redis_keys import WEBHOOK_DEAD_KEY as DEAD_KEY
+from .redis_keys import WEBHOOK_OUTBOX_KEY as OUTBOX_KEY
 from .redis_keys import connection
-from .settings import KEY_PREFIX, load_settings
-
-log = logging.getLogger(__name__)
-
-OUTBOX_KEY = f"{KEY_PREFIX}:webhooks:outbox"
-DEAD_KEY = f"{KEY_PREFIX}:webhooks:dead"
+from .settings import load_settings
 SWEEP_BATCH = 100  # events claimed per sweep at most
 _CLAIM = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
