@@ -139,11 +139,11 @@ def _gpu_memory() -> Iterator:
 def _webhook_outbox() -> Iterator:
     """The fleet's pending webhook events (the outbox on this worker's Redis): one ZCARD per scrape."""
     outbox = fleet_outbox()
+    if outbox is None:
+        return
     try:
-        pending = outbox.size() if outbox is not None else None
+        pending = outbox.size()
     except redis.RedisError:
-        pending = None
-    if pending is None:
         return
     gauge = GaugeMetricFamily("maskfleet_webhooks_pending", "Webhook events in the outbox, not yet delivered (the whole fleet's)")
     gauge.add_metric([], pending)

@@ -22,7 +22,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import redis
 from celery import states
@@ -35,13 +35,12 @@ from .webhooks import FINAL_EVENT_TYPES
 log = logging.getLogger(__name__)
 
 SIZE_CHECK_SECONDS = 60.0
-CELERY_META_PREFIX = "celery-task-meta-"  # Celery's Redis result backend key of a task's state
 
 
 class OutboxSweeper:
     """The sweep thread of one worker's main process."""
 
-    def __init__(self, outbox: Outbox, sender_of: Any, lease: float, max_age: float, max_size: int):
+    def __init__(self, outbox: Outbox, sender_of: Callable[[], Any], lease: float, max_age: float, max_size: int):
         self.outbox = outbox
         self.sender_of = sender_of  # () -> WebhookSender, made on first need (the secret is checked then)
         self.lease = lease
@@ -96,11 +95,13 @@ class OutboxSweeper:
         return len(due)
 
     def _job_ended(self, event: OutboxEvent) -> bool:
+        from .app import app  # Celery's own key and encoding of a task's state (as task_state.py uses them)
+
         task_id = json.loads(event.body).get("data", {}).get("task_id")
         if not task_id:
             return False
-        meta = self.outbox.client.get(CELERY_META_PREFIX + task_id)
-        return meta is not None and json.loads(meta).get("status") in states.READY_STATES
+        meta = self.outbox.client.get(app.backend.get_key_for_task(task_id))
+        return meta is not None and app.backend.decode(meta).get("status") in states.READY_STATES
 
     def _trim(self) -> None:
         surplus = self.outbox.size() - self.max_size

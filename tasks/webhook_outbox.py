@@ -37,6 +37,7 @@ from .redis_keys import WEBHOOK_DEAD_KEY as DEAD_KEY
 from .redis_keys import WEBHOOK_OUTBOX_KEY as OUTBOX_KEY
 from .redis_keys import connection
 from .settings import load_settings
+
 SWEEP_BATCH = 100  # events claimed per sweep at most
 _CLAIM = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
