@@ -1,4 +1,5 @@
-"""Shared fixtures. ``s3_server``: a real S3-compatible server for the session; and the
+"""Shared fixtures. ``s3_server``: a real S3-compatible server for the session; ``receivers``:
+webhook receivers made by the test (``receivers(**options)``), closed after it; and the
 session's own redis-server, so the suite never flushes a database of a shared Redis.
 The whole run is offline for Hugging Face's libraries (HF_HUB_OFFLINE=1).
 
@@ -17,6 +18,7 @@ import pytest
 from maskfleet.storage import reset_s3_client
 from redis_server import RedisServer
 from s3_server import S3Server
+from webhook_receiver import Receiver
 
 TEST_REDIS_ENV = "MASKFLEET_TEST_REDIS"
 # No test may reach a model hub: every model is made on the spot or read from tests/data. Set before
@@ -85,3 +87,17 @@ settings.register_profile("suite", max_examples=150, deadline=timedelta(seconds=
 settings.register_profile("fuzz", max_examples=20000, deadline=timedelta(seconds=30),
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile("suite")  # --hypothesis-profile overrides it
+
+
+@pytest.fixture
+def receivers():
+    """Make webhook receivers (webhook_receiver.Receiver) during a test; all are closed after it."""
+    made: list[Receiver] = []
+
+    def make(**kwargs) -> Receiver:
+        made.append(Receiver(**kwargs))
+        return made[-1]
+
+    yield make
+    for receiver in made:
+        receiver.close()

@@ -75,19 +75,6 @@ def fleet(tmp_path_factory):
         flush(url)
 
 
-@pytest.fixture
-def receivers():
-    made = []
-
-    def make(**kwargs) -> Receiver:
-        made.append(Receiver(**kwargs))
-        return made[-1]
-
-    yield make
-    for receiver in made:
-        receiver.close()
-
-
 @pytest.fixture(scope="module")
 def baseline(fleet):
     """The same job without a callback: its sampling time is what a job with one should take."""

@@ -14,10 +14,11 @@ import time
 import pytest
 from metrics_scrape import free_port
 from redis_server import RedisServer
-from webhook_receiver import SECRET, Receiver, clear_proxies
+from webhook_receiver import SECRET, clear_proxies
 
 from maskfleet.cli import main
-from maskfleet.tasks.outbox_sweeper import CELERY_META_PREFIX, OutboxSweeper
+from maskfleet.tasks.app import app
+from maskfleet.tasks.outbox_sweeper import OutboxSweeper
 from maskfleet.tasks.webhook_outbox import DEAD_KEY, OUTBOX_KEY, Outbox, OutboxEvent
 from maskfleet.tasks.webhooks import WebhookSender
 
@@ -65,19 +66,6 @@ def senders(outbox):
     yield make
     for sender in made:
         sender.close(timeout=0.5)
-
-
-@pytest.fixture
-def receivers():
-    made = []
-
-    def make(**kwargs):
-        made.append(Receiver(**kwargs))
-        return made[-1]
-
-    yield make
-    for receiver in made:
-        receiver.close()
 
 
 def sweeper(outbox, sender, max_age=3600.0, max_size=1000) -> OutboxSweeper:
@@ -208,15 +196,16 @@ def test_takeover_dead_letters_events_past_the_age_limit_and_drops_started_of_en
     ended = event("job.started", "end", time.time())
     running = event("job.started", "run", time.time())
     outbox.client.zadd(OUTBOX_KEY, {e.member: 0 for e in (old, ended, running)})
-    outbox.client.set(CELERY_META_PREFIX + "t-end", json.dumps({"status": "SUCCESS"}))
-    outbox.client.set(CELERY_META_PREFIX + "t-run", json.dumps({"status": "STARTED"}))
+    meta_key = app.backend.get_key_for_task
+    outbox.client.set(meta_key("t-end"), json.dumps({"status": "SUCCESS"}))
+    outbox.client.set(meta_key("t-run"), json.dumps({"status": "STARTED"}))
     taker = senders()
     assert sweeper(outbox, taker, max_age=60).sweep() == 1
     assert taker.flush(10)
     assert [msg_id for msg_id, _, _ in hook.received] == ["msg_run"]
     assert [OutboxEvent.of(d["event"]).msg_id for d in outbox.dead()] == ["msg_old"]
     assert outbox.size() == 0
-    outbox.client.delete(CELERY_META_PREFIX + "t-end", CELERY_META_PREFIX + "t-run")
+    outbox.client.delete(meta_key("t-end"), meta_key("t-run"))
 
 
 def test_an_outbox_past_its_limit_dead_letters_the_oldest(outbox, senders):

@@ -10,7 +10,7 @@ from datetime import datetime
 import pytest
 from maskfleet.tasks.callback_policy import allowlist_from_env, check_callback_url
 from maskfleet.tasks.webhooks import WebhookSender, load_secret
-from webhook_receiver import SECRET, Receiver, clear_proxies
+from webhook_receiver import SECRET, clear_proxies
 
 LOGGER = "maskfleet.tasks.webhooks"
 
@@ -31,16 +31,8 @@ def no_proxies(monkeypatch):
 
 
 @pytest.fixture
-def receiver():
-    made = []
-
-    def make(**kwargs):
-        made.append(Receiver(**kwargs))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
+def receiver(receivers):
+    return receivers  # conftest's, under the name these tests use
 
 
 @pytest.fixture
