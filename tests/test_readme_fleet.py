@@ -4,7 +4,7 @@ Only the ports change (Redis 6399 and Flower 5555 become free ones, so a run nev
 another's); everything else is the README's text: the demo, `maskfleet run`, a Redis of
 its own, Flower, a CPU worker, `submit --wait`, `status`, Flower's API by curl, and the
 shutdown. Whatever happens, the test then stops that Redis and every process the script
-left.
+left; if the script hangs, the failure shows every Python process's stacks.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -33,16 +35,67 @@ def sh_block(section: str) -> str:
     return re.search(r"```sh\n(.*?)```", body, re.S).group(1)
 
 
-def run_script(script: str, cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(["bash", "-e", "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
+def processes_marked(marker: str) -> list[int]:
+    """Every process whose environment holds `marker`: the script, what it started (the worker's
+    Celery processes lead their own sessions) and the daemonized redis-server."""
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever the script started in the background
+            if marker.encode() in environ.read_bytes():
+                pids.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return [pid for pid in pids if pid != os.getpid()]
+
+
+def pythons_marked(marker: str) -> list[int]:
+    pids = []
+    for pid in processes_marked(marker):
+        try:
+            if "python" in os.readlink(f"/proc/{pid}/exe"):
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+def signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
         except ProcessLookupError:
             pass
+
+
+def kill_marked(marker: str) -> None:
+    deadline = time.monotonic() + 30
+    while processes_marked(marker) and time.monotonic() < deadline:
+        signal_all(processes_marked(marker), signal.SIGKILL)
+        time.sleep(0.1)
+    assert not processes_marked(marker), "processes of the quick start outlived it"
+
+
+def run_script(script: str, cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run `script` in bash; past `timeout`, every Python process it left prints its threads' stacks
+    (faulthandler, on SIGABRT) into the failure, so a hang says where it hangs. Whatever happens,
+    nothing it started outlives it."""
+    marker = f"readme-fleet-{uuid.uuid4().hex}"
+    proc = subprocess.Popen(["bash", "-e", "-c", script], cwd=cwd, env={**env, "README_FLEET": marker, "PYTHONFAULTHANDLER": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            signal_all(pythons_marked(marker), signal.SIGABRT)
+            deadline = time.monotonic() + 15
+            while pythons_marked(marker) and time.monotonic() < deadline:  # each dumps its stacks, then dies
+                time.sleep(0.1)
+            kill_marked(marker)
+            out, err = proc.communicate(timeout=30)
+            pytest.fail(f"the script was still running after {timeout:.0f} s; the stacks of its Python processes:\n"
+                        f"{err[-20000:]}\n--- stdout ---\n{out[-3000:]}")
+    finally:
+        kill_marked(marker)
         proc.wait()
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
