@@ -37,7 +37,6 @@ mode refuses is reported.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
