@@ -18,9 +18,7 @@ import os
 import time
 from typing import Any
 
-import redis
 from celery import Celery
-from celery.exceptions import Reject
 
 from maskfleet.settings import load_settings
 from maskfleet.tasks.app import configure
@@ -29,7 +27,7 @@ from maskfleet.tasks.deliveries import PoisonCheck
 from maskfleet.tasks.errors import InvalidJob
 from maskfleet.tasks.idempotency import FinishedBefore
 from maskfleet.tasks.job_document import ParsedJob
-from maskfleet.tasks.lifecycle import TaskRun, run_with
+from maskfleet.tasks.lifecycle import TaskRun, run_task
 from maskfleet.tasks.progress import TaskProgress
 from maskfleet.tasks.settings import TASK_NAME
 from maskfleet.tasks.status_events import StartAnnouncement
@@ -63,7 +61,4 @@ def stub_body(run: TaskRun) -> dict:
 
 @app.task(bind=True, name=TASK_NAME, Request="maskfleet.tasks.sample_request:SampleRequest", throws=(InvalidJob,))
 def sample(self: Any, job_data: dict) -> dict:
-    try:
-        return run_with(LIFECYCLE, TaskRun(self, job_data, load_settings()), stub_body)
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-        raise Reject(f"Redis unreachable during the job, handed back to the queue: {e}", requeue=True) from None
+    return run_task(self, job_data, LIFECYCLE, stub_body)

@@ -20,9 +20,12 @@ from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import redis
+from celery.exceptions import Reject
+
 from ..job import Job
 from ..sampling.hooks import ProgressHook, StopHook
-from ..settings import Settings
+from ..settings import Settings, load_settings
 
 
 @dataclass
@@ -59,6 +62,17 @@ class Concern:
 
     def after(self, run: TaskRun) -> None:
         return None
+
+
+def run_task(task: Any, job_data: dict, concerns: Sequence[Concern], call: Callable[[TaskRun], dict]) -> dict:
+    """A task's body: `call` with the concerns around it. A job that loses Redis anywhere in it
+    (our own keys: delivery count, cancel flag, finished results) is handed back to the queue
+    with no state stored (Reject with requeue), never FAILURE: the outage is not the job's
+    fault, and a FAILURE seen for a moment would end a producer's wait."""
+    try:
+        return run_with(concerns, TaskRun(task, job_data, load_settings()), call)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+        raise Reject(f"Redis unreachable during the job, handed back to the queue: {e}", requeue=True) from None
 
 
 def run_with(concerns: Sequence[Concern], run: TaskRun, call: Callable[[TaskRun], dict]) -> dict:

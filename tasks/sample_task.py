@@ -10,17 +10,12 @@ with JobOutOfMemory when the job does not fit the device (memory_limit.py), with
 PoisonJob when its worker died during each of its last deliveries (deliveries.py): none
 of them retried; retried with backoff when storage is unavailable, then FAILURE with
 StorageUnavailable (storage_retry.py); REVOKED when cancelled (cancellation.py).
-A job that loses Redis while it runs (our own keys: delivery count, cancel flag,
-finished results) is handed back to the queue with no state stored (Reject with
-requeue), never FAILURE: the outage is not the job's fault, and a FAILURE seen for a
-moment would end a producer's wait.
+A job that loses Redis while it runs is handed back to the queue, never FAILURE
+(lifecycle.run_task).
 """
 from __future__ import annotations
 
 from typing import Any
-
-import redis
-from celery.exceptions import Reject
 
 from .app import app
 from .bad_input import BadInput
@@ -30,11 +25,11 @@ from .errors import InvalidJob
 from .idempotency import FinishedBefore
 from .input_prefetch import PrefetchedInputs
 from .job_document import ParsedJob
-from .lifecycle import Concern, TaskRun, run_with
+from .lifecycle import Concern, TaskRun, run_task
 from .memory_limit import OutOfMemory
 from .pipelined_worker import ThreadTimeLimit
 from .progress import TaskProgress
-from .settings import TASK_NAME, load_settings
+from .settings import TASK_NAME
 from .status_events import StartAnnouncement
 from .storage_retry import StorageRetry
 from .task_state import StartedState
@@ -61,16 +56,7 @@ LIFECYCLE: list[Concern] = [
 # worker faults keep their ERROR line and traceback.
 @app.task(bind=True, name=TASK_NAME, Request="maskfleet.tasks.sample_request:SampleRequest", throws=(InvalidJob,))
 def sample(self: Any, job_data: dict) -> dict:
-    try:
-        return run_task(self, job_data)
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-        raise Reject(f"Redis unreachable during the job, handed back to the queue: {e}", requeue=True) from None
-
-
-def run_task(task: Any, job_data: dict) -> dict:
-    """The job body; a Redis connection error raised anywhere in it reaches `sample`."""
-    run = TaskRun(task, job_data, load_settings())
-    return run_with(LIFECYCLE, run, _pipeline_call)
+    return run_task(self, job_data, LIFECYCLE, _pipeline_call)
 
 
 def _pipeline_call(run: TaskRun) -> dict:

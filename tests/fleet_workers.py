@@ -95,10 +95,22 @@ class Worker:
         return stop_process(self.proc, timeout)
 
 
-def stop_process(proc: subprocess.Popen, timeout: float) -> int:
-    """SIGTERM, then after `timeout` s SIGKILL to its whole session (started with start_new_session=True)."""
+def stop_workers(workers, timeout: float = 30.0) -> None:
+    """Stop them all at once: each warm shutdown waits out an idle BRPOP (seconds), so one after
+    another would add those waits up."""
+    for worker in workers:
+        if worker.proc.poll() is None:
+            worker.proc.send_signal(signal.SIGTERM)
+    for worker in workers:
+        stop_process(worker.proc, timeout, signalled=True)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float, signalled: bool = False) -> int:
+    """SIGTERM (unless `signalled` already), then after `timeout` s SIGKILL to its whole session
+    (started with start_new_session=True)."""
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        if not signalled:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -40,7 +40,7 @@ from tiny_jobs import (completions, deliveries, file_sha256, job_states, output_
 
 from maskfleet.client import _app
 from maskfleet.tasks.settings import model_queue
-from fleet_workers import Worker
+from fleet_workers import Worker, stop_workers
 
 LEASE_S = 15
 STEPS = 16  # about 1 s of sampling per job on one CPU thread (more on a busy machine): caught running
@@ -65,8 +65,7 @@ def fleet(tmp_path):
             worker.wait_ready(app)
         yield {"server": server, "url": url, "app": app, "workers": workers, "root": tmp_path, "models": models}
     finally:
-        for worker in workers:
-            worker.stop()
+        stop_workers(workers)
         server.stop()
 
 

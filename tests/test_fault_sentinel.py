@@ -26,7 +26,7 @@ from tiny_jobs import (completions, file_sha256, job_states, output_path, publis
 
 from maskfleet.client import _app
 from maskfleet.tasks.settings import model_queue
-from fleet_workers import Worker
+from fleet_workers import Worker, stop_workers
 
 LEASE_S = 15
 STEPS = 16  # about 1 s of sampling per job on one CPU thread: caught running
@@ -54,8 +54,7 @@ def fleet(tmp_path, monkeypatch):
             worker.wait_ready(app)
         yield {"deployment": deployment, "url": url, "app": app, "workers": workers, "root": tmp_path, "models": models}
     finally:
-        for worker in workers:
-            worker.stop()
+        stop_workers(workers)
         deployment.stop()
 
 

@@ -23,7 +23,7 @@ from webhook_receiver import SECRET, Receiver, clear_proxies
 from maskfleet.client import _app, submit
 from maskfleet.tasks.settings import model_queue
 from maskfleet.tasks.webhook_outbox import OUTBOX_KEY, OutboxEvent
-from fleet_workers import Worker, wait_for
+from fleet_workers import Worker, stop_workers, wait_for
 from redis_server import RedisServer
 
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
@@ -88,8 +88,7 @@ def test_a_killed_workers_events_survive_a_redis_restart_and_are_delivered_by_an
         print(f"\n{2 * JOBS} events of a killed worker delivered by another {delivered_in:.1f} s after the receiver "
               f"came back (lease {LEASE} s)")
     finally:
-        for worker in workers:
-            worker.stop()
+        stop_workers(workers)
         if hook is not None:
             hook.close()
         env.undo()

@@ -28,7 +28,7 @@ from maskfleet.job import parse_job
 from maskfleet.job_pipeline import RunOptions, run_job
 from maskfleet.tasks.leases import UNACKED_INDEX_KEY
 from maskfleet.tasks.settings import model_queue
-from fleet_workers import Worker, claim_db_url, flush, require_redis, wait_for
+from fleet_workers import Worker, claim_db_url, flush, require_redis, stop_workers, wait_for
 
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
 LONG_STEPS = 24  # a job of several seconds on this machine: long enough to be killed in the middle
@@ -84,8 +84,7 @@ def fleet(base, tmp_path):
     try:
         yield {"url": url, "app": app, "start": start, "dir": tmp_path, **base}
     finally:
-        for w in workers:
-            w.stop()
+        stop_workers(workers)
         flush(url)
 
 

@@ -27,7 +27,7 @@ from tiny_jobs import publish_report, completions, deliveries, file_sha256, job_
 from maskfleet.client import _app, submit
 from maskfleet.tasks.redis_keys import done_key, submitted_key
 from maskfleet.tasks.settings import model_queue
-from fleet_workers import Worker
+from fleet_workers import Worker, stop_workers
 
 JOBS = 300
 WORKERS = 3
@@ -57,8 +57,7 @@ def fleet(tmp_path, monkeypatch):
             worker.wait_ready(app)
         yield {"server": server, "url": url, "app": app, "workers": workers, "root": tmp_path}
     finally:
-        for worker in workers:
-            worker.stop()
+        stop_workers(workers)
         server.stop()
 
 

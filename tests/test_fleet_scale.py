@@ -20,7 +20,7 @@ from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
 
 from maskfleet.client import _app, submit
 from maskfleet.tasks.settings import TASK_NAME, model_queue
-from fleet_workers import Worker, claim_db_url, flush, require_redis
+from fleet_workers import Worker, claim_db_url, flush, require_redis, stop_workers
 from tiny_jobs import SUCCEEDED
 
 CASE = IN_REPO_GOLDEN / "cases" / "c03_euler_normal_s6_o0"
@@ -46,8 +46,7 @@ def two_workers(tmp_path_factory):
             worker.wait_ready(app)
         yield {"url": url, "root": root, "app": app, "workers": workers}
     finally:
-        for worker in workers:
-            worker.stop()
+        stop_workers(workers)
         flush(url)
 
 

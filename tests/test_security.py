@@ -35,7 +35,7 @@ from celery import Celery
 from kombu.exceptions import DecodeError
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from fleet_workers import Worker
+from fleet_workers import Worker, stop_workers
 from golden_jobs import IN_REPO_GOLDEN, make_models_dir, write_case_job
 from maskfleet.client import JobFailed, _app, handle, submit
 from maskfleet.tasks.redis_keys import submitted_key
@@ -173,8 +173,7 @@ def fleet(tmp_path_factory, s3_server):
         yield {"url": url, "server": server, "root": root, "app": app, "hook": hook, "bucket": bucket,
                "s3": s3_server, "workers": workers}
     finally:
-        for worker in workers.values():
-            worker.stop()
+        stop_workers(workers.values())
         env.undo()
         hook.close()
         server.stop()
