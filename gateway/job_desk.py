@@ -18,7 +18,7 @@ from ..client import JobHandle, UnknownJob, app_for, submit
 from ..job import Job, JobError
 from ..settings import Settings
 from ..tasks.broker_routes import group_urls, route_url, routed
-from ..tasks.idempotency import job_digest, submission_record
+from ..tasks.idempotency import first_on_record, job_digest
 from ..tasks.queue_depth import queue_depth
 from ..tasks.redis_urls import redis_client
 from ..tasks.settings import model_queue
@@ -122,12 +122,13 @@ class JobDesk:
     def _find(self, job_id: str) -> tuple[str | None, dict | None]:
         """(its group, its submission record): each group's Redis asked, the one it was last found in first."""
         known = self._groups.get(job_id)
-        for group in [known, *(g for g in self.apps if g != known)]:
-            record = submission_record(job_id, self.apps[group].conf.result_backend)
-            if record is not None:
-                self._remember(job_id, group)
-                return group, record
-        return known, None
+        order = [known, *(g for g in self.apps if g != known)]
+        found = first_on_record(job_id, [self.apps[group].conf.result_backend for group in order])
+        if found is None:
+            return known, None
+        group = order[found[0]]
+        self._remember(job_id, group)
+        return group, found[1]
 
     def _remember(self, job_id: str, group: str | None) -> None:
         self._groups[job_id] = group

@@ -25,7 +25,7 @@ from .tasks.app import app as default_app, configure
 from .tasks.broker_routes import group_urls, route_url
 from .tasks.callback_policy import check_callback_url
 from .tasks.cancellation import request_cancel
-from .tasks.idempotency import claim_submission, job_digest, submission_record, was_submitted
+from .tasks.idempotency import claim_submission, first_on_record, job_digest, submission_record, was_submitted
 from .tasks.settings import TASK_NAME, Settings, check_time_limit, load_settings, soft_limit
 
 FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
@@ -81,13 +81,9 @@ def app_for_model(model: str) -> Celery:
 
 def locate(task_id: str) -> Celery:
     """The app of the group whose Redis holds `task_id`'s submission record (the default group when none does)."""
-    urls = group_urls(load_settings())
-    if len(urls) > 1:
-        for url in urls:
-            app = _app(url)
-            if was_submitted(task_id, app.conf.result_backend):
-                return app
-    return _app(None)
+    apps = [_app(url) for url in group_urls(load_settings())]
+    found = first_on_record(task_id, [app.conf.result_backend for app in apps]) if len(apps) > 1 else None
+    return _app(None) if found is None else apps[found[0]]
 
 
 def _no_subscription(producer: Any, task_id: str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Sequence
 
 from celery import states
 from celery.signals import task_success
@@ -47,6 +47,16 @@ def submission_record(job_id: str, url: str | None = None) -> dict | None:
     except ValueError:
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def first_on_record(job_id: str, urls: Sequence[str | None]) -> tuple[int, dict] | None:
+    """(index, record) of the first of `urls` whose Redis holds a submission record of `job_id`:
+    how a job is found by its id alone when model groups have Redis deployments of their own."""
+    for index, url in enumerate(urls):
+        record = submission_record(job_id, url)
+        if record is not None:
+            return index, record
+    return None
 
 
 def was_submitted(job_id: str, url: str | None = None) -> bool:
