@@ -73,10 +73,6 @@ def redis_cpu(client) -> float:
     return float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
 
 
-def commands(client) -> int:
-    return sum(int(v["calls"]) for v in client.info("commandstats").values())
-
-
 def follow(ends, ids: set[str], deadline: float) -> dict[str, str]:
     """Final state of each job id, heard on the result channels, until all are final or the deadline."""
     final: dict[str, str] = {}
@@ -115,14 +111,14 @@ def main() -> None:
         client = server.client()
         ends = client.pubsub(ignore_subscribe_messages=True)
         ends.psubscribe("celery-task-meta-*")
-        cpu0, calls0 = redis_cpu(client), commands(client)
+        cpu0, calls0 = redis_cpu(client), server.commands()
         start = time.monotonic()
         for job in jobs:
             submit(job, broker_url=url)
         submitted_s = time.monotonic() - start
         final = follow(ends, {j["job_id"] for j in jobs}, start + args.deadline)
         elapsed = time.monotonic() - start
-        cpu, calls = redis_cpu(client) - cpu0, commands(client) - calls0
+        cpu, calls = redis_cpu(client) - cpu0, server.commands() - calls0
         ends.close()
         runs = completions([log for _, log in consumers])
         ids = [j["job_id"] for j in jobs]

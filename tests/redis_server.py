@@ -47,6 +47,10 @@ class RedisServer:
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url())
 
+    def commands(self) -> int:
+        """Commands this server has run since it started (INFO commandstats, the INFO itself included)."""
+        return sum(int(v["calls"]) for v in self.client().info("commandstats").values())
+
     def _argv(self) -> list[str]:
         argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.workdir),
                 "--save", "", "--logfile", str(self.log_path)]

@@ -35,10 +35,6 @@ JOBS = 6  # per model
 DEADLINE_S = 120.0
 
 
-def commands(server: RedisServer) -> int:
-    return sum(v["calls"] for v in server.client().info("commandstats").values())
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     root = tmp_path_factory.mktemp("routes")
@@ -106,13 +102,13 @@ def test_each_model_runs_through_its_own_redis_and_producers_find_jobs_by_id(fle
             assert result is not None and file_sha256(output_path(job)) == expected, job["job_id"]
 
     b_jobs, a_jobs = jobs_of(fleet, "tiny-b", JOBS, "client"), jobs_of(fleet, "tiny", JOBS, "client")
-    before = commands(a), commands(b)
+    before = a.commands(), b.commands()
     run(b_jobs)
-    b_only = commands(a) - before[0], commands(b) - before[1]
+    b_only = a.commands() - before[0], b.commands() - before[1]
     assert b_only[0] < b_only[1] / 4, f"Redis A carried {b_only[0]} commands while B ran its {JOBS} jobs ({b_only[1]})"
-    before = commands(a), commands(b)
+    before = a.commands(), b.commands()
     run(a_jobs)
-    a_only = commands(a) - before[0], commands(b) - before[1]
+    a_only = a.commands() - before[0], b.commands() - before[1]
     assert a_only[1] < a_only[0] / 4, f"Redis B carried {a_only[1]} commands while A ran its {JOBS} jobs ({a_only[0]})"
 
     assert {job["job_id"]: homes(fleet, job["job_id"]) for job in b_jobs + a_jobs} == \
