@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 import redis
 from celery import Celery
@@ -95,7 +96,7 @@ class Worker:
         return stop_process(self.proc, timeout)
 
 
-def stop_workers(workers, timeout: float = 30.0) -> None:
+def stop_workers(workers: Iterable[Worker], timeout: float = 30.0) -> None:
     """Stop them all at once: each warm shutdown waits out an idle BRPOP (seconds), so one after
     another would add those waits up."""
     for worker in workers:
