@@ -69,8 +69,8 @@ def signal_all(pids: list[int], signum: int) -> None:
 
 def kill_marked(marker: str) -> None:
     deadline = time.monotonic() + 30
-    while processes_marked(marker) and time.monotonic() < deadline:
-        signal_all(processes_marked(marker), signal.SIGKILL)
+    while (pids := processes_marked(marker)) and time.monotonic() < deadline:
+        signal_all(pids, signal.SIGKILL)
         time.sleep(0.1)
     assert not processes_marked(marker), "processes of the quick start outlived it"
 

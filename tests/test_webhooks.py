@@ -31,11 +31,6 @@ def no_proxies(monkeypatch):
 
 
 @pytest.fixture
-def receiver(receivers):
-    return receivers  # conftest's, under the name these tests use
-
-
-@pytest.fixture
 def sender():
     made = []
 
@@ -54,8 +49,8 @@ def sender():
 
 @pytest.mark.parametrize("secret", [SECRET, SECRET.removeprefix("whsec_"),
                                     os.urandom(32)], ids=["whsec", "bare-base64", "bytes"])
-def test_events_arrive_in_order_with_valid_signatures(receiver, sender, secret):
-    hook = receiver(secret=secret)
+def test_events_arrive_in_order_with_valid_signatures(receivers, sender, secret):
+    hook = receivers(secret=secret)
     out = sender(secret=secret)
     out.emit(hook.url, "started", {"job_id": "j1"})
     out.emit(hook.url, "progress", {"job_id": "j1", "step": 1, "total": 4})
@@ -72,9 +67,9 @@ def test_events_arrive_in_order_with_valid_signatures(receiver, sender, secret):
     assert hook.received[1][2]["data"]["step"] == 1
 
 
-def test_secret_from_environment(monkeypatch, receiver):
+def test_secret_from_environment(monkeypatch, receivers):
     monkeypatch.setenv("MASKFLEET_WEBHOOK_SECRET", SECRET)
-    hook = receiver()
+    hook = receivers()
     out = WebhookSender(backoff=0.05)
     out.emit(hook.url, "failed", {"job_id": "j1", "error": "steps: must be > 0"})
     assert out.close(10)
@@ -93,8 +88,8 @@ def test_secret_errors(monkeypatch):
 
 # --- never blocking the caller ---
 
-def test_emit_returns_at_once_when_receiver_is_slow(receiver, sender):
-    hook = receiver(delay=1.0)
+def test_emit_returns_at_once_when_receiver_is_slow(receivers, sender):
+    hook = receivers(delay=1.0)
     out = sender()
     started = time.perf_counter()
     out.emit(hook.url, "started", {"job_id": "j1"})
@@ -105,8 +100,8 @@ def test_emit_returns_at_once_when_receiver_is_slow(receiver, sender):
     assert hook.types() == ["job.started", "job.succeeded"]
 
 
-def test_emit_after_close_is_dropped(receiver, sender):
-    hook = receiver()
+def test_emit_after_close_is_dropped(receivers, sender):
+    hook = receivers()
     out = sender()
     out.emit(hook.url, "started", {"job_id": "j1"})
     assert out.close(10)
@@ -118,8 +113,8 @@ def test_emit_after_close_is_dropped(receiver, sender):
 # --- retries ---
 
 @pytest.mark.parametrize("statuses", [[500, 500], [503], [429, 502]])
-def test_retryable_answers_are_retried_with_the_same_id(receiver, sender, statuses):
-    hook = receiver(statuses=statuses)
+def test_retryable_answers_are_retried_with_the_same_id(receivers, sender, statuses):
+    hook = receivers(statuses=statuses)
     out = sender()
     out.emit(hook.url, "started", {"job_id": "j1"})
     assert out.flush(10)
@@ -128,7 +123,7 @@ def test_retryable_answers_are_retried_with_the_same_id(receiver, sender, status
     assert [(i, t) for i, t, _ in hook.received] == [hook.attempts[0]]
 
 
-def test_receiver_down_then_up_gets_the_event(receiver, sender, caplog):
+def test_receiver_down_then_up_gets_the_event(receivers, sender, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -137,14 +132,14 @@ def test_receiver_down_then_up_gets_the_event(receiver, sender, caplog):
     out.emit(f"http://127.0.0.1:{port}/hook", "started", {"job_id": "j1"})
     assert wait_until(lambda: any("retry" in r.getMessage() for r in caplog.records), 10)
 
-    hook = receiver(port=port)
+    hook = receivers(port=port)
     assert out.flush(20)
     assert hook.bad == [] and hook.types() == ["job.started"]
 
 
-def test_client_errors_are_not_retried(receiver, sender, caplog):
+def test_client_errors_are_not_retried(receivers, sender, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
-    hook = receiver(statuses=[400])
+    hook = receivers(statuses=[400])
     out = sender()
     out.emit(hook.url, "started", {"job_id": "j1"})
     assert out.flush(10)
@@ -153,9 +148,9 @@ def test_client_errors_are_not_retried(receiver, sender, caplog):
     assert not any("token=abc" in r.getMessage() for r in caplog.records)
 
 
-def test_redirects_are_not_followed(receiver, sender):
-    inner = receiver()
-    hook = receiver(statuses=[307], redirect_to=inner.url)
+def test_redirects_are_not_followed(receivers, sender):
+    inner = receivers()
+    hook = receivers(statuses=[307], redirect_to=inner.url)
     out = sender()
     out.emit(hook.url, "started", {"job_id": "j1"})
     assert out.flush(10)
@@ -163,8 +158,8 @@ def test_redirects_are_not_followed(receiver, sender):
     assert inner.attempts == []
 
 
-def test_gives_up_after_max_attempts(receiver, sender):
-    hook = receiver(statuses=[500] * 10)
+def test_gives_up_after_max_attempts(receivers, sender):
+    hook = receivers(statuses=[500] * 10)
     out = sender(max_attempts=3)
     out.emit(hook.url, "started", {"job_id": "j1"})
     out.emit(hook.url, "succeeded", {"job_id": "j1"})
@@ -174,8 +169,8 @@ def test_gives_up_after_max_attempts(receiver, sender):
 
 # --- filter and throttling ---
 
-def test_events_filter_drops_unlisted_events(receiver, sender):
-    hook = receiver()
+def test_events_filter_drops_unlisted_events(receivers, sender):
+    hook = receivers()
     out = sender()
     wanted = ["started", "job.succeeded"]
     for event in ("started", "progress", "failed", "succeeded"):
@@ -184,8 +179,8 @@ def test_events_filter_drops_unlisted_events(receiver, sender):
     assert hook.types() == ["job.started", "job.succeeded"]
 
 
-def test_progress_is_throttled_and_the_last_one_is_sent(receiver, sender):
-    hook = receiver()
+def test_progress_is_throttled_and_the_last_one_is_sent(receivers, sender):
+    hook = receivers()
     out = sender(progress_interval=0.5)
     for step in range(10):
         out.emit(hook.url, "progress", {"job_id": "j1", "step": step})
@@ -195,8 +190,8 @@ def test_progress_is_throttled_and_the_last_one_is_sent(receiver, sender):
     assert steps[-1] == 9
 
 
-def test_final_event_follows_throttled_progress(receiver, sender):
-    hook = receiver()
+def test_final_event_follows_throttled_progress(receivers, sender):
+    hook = receivers()
     out = sender(progress_interval=5.0)
     out.emit(hook.url, "started", {"job_id": "j1"})
     for step in range(10):
